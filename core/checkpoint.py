@@ -151,7 +151,8 @@ def load_checkpoint(folder: str | Path, kind: str | None = None) -> Checkpoint:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{weights} cannot be read: {error}") from None
-    return Checkpoint(folder, document["kind"], document["model"], sha, state, document["extra"])
+    extra = document.get("extra") or {}  # provenance is optional in hand-made folders
+    return Checkpoint(folder, document["kind"], document["model"], sha, state, extra)
 
 
 def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

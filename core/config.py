@@ -8,10 +8,11 @@ one-line message names the offending key and the file it came from.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
@@ -29,16 +30,37 @@ def _describe(error: OmegaConfBaseException, source: str) -> str:
     return f"config key '{key}' in {source}: {message}"
 
 
+def _section_given_a_value(schema: Any, layer: Any, prefix: str = "") -> str | None:
+    """The dotted key where `layer` puts a plain value or a list in place of a section."""
+    for key in layer.keys():
+        if key not in schema.keys():
+            continue
+        expected, given = schema._get_node(key), layer._get_node(key)
+        if not OmegaConf.is_dict(expected):
+            continue
+        if not OmegaConf.is_dict(given):
+            return f"{prefix}{key}"
+        inner = _section_given_a_value(expected, given, f"{prefix}{key}.")
+        if inner:
+            return inner
+    return None
+
+
 def _merge(schema: Any, layer: Any, source: str) -> Any:
     try:
         return OmegaConf.merge(schema, layer)
     except OmegaConfBaseException as error:
-        raise ConfigError(_describe(error, source)) from None
+        message = _describe(error, source)
+        if getattr(error, "key", None) is None:  # OmegaConf does not say where a section broke
+            section = _section_given_a_value(schema, layer)
+            if section:
+                message = f"config key '{section}' in {source}: expected a section of keys"
+        raise ConfigError(message) from None
 
 
 def _parse_overrides(overrides: Sequence[str]) -> Any:
     for item in overrides:
-        if "=" not in item:
+        if "=" not in item or not item.split("=", 1)[0]:
             raise ConfigError(f"override '{item}' must look like key=value")
     try:
         return OmegaConf.from_dotlist(list(overrides))
@@ -63,7 +85,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         try:
             layer = OmegaConf.load(path)
         except Exception as error:  # YAML syntax errors come from several libraries
-            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+            detail = " ".join(str(error).split())  # parsers report over several lines
+            raise ConfigError(f"config file {path} is not valid YAML: {detail}") from None
+        if not isinstance(layer, DictConfig):
+            raise ConfigError(f"config file {path} must hold keys and values, not a list")
         merged = _merge(merged, layer, str(path))
         source = str(path)
     if overrides:

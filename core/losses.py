@@ -55,7 +55,9 @@ def _load_verified_pickle(path: Path) -> dict:
 def _keras_conv(conv: nn.Conv2d, kernel, bias) -> None:
     weight = torch.from_numpy(kernel).permute(3, 2, 0, 1)  # HWIO -> OIHW
     if tuple(weight.shape) != tuple(conv.weight.shape):
-        raise PerceptualWeightsError(f"SqueezeNet weight of shape {tuple(weight.shape)} does not fit")
+        raise PerceptualWeightsError(
+            f"SqueezeNet weight of shape {tuple(weight.shape)} does not fit"
+        )
     conv.weight.data.copy_(weight)
     conv.bias.data.copy_(torch.from_numpy(bias))
 

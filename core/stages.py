@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 
-from core.config import load_config
-from core.data import PhotoCrops, load_photos, read_folder, read_index
+from core.condition_stages import SPATIAL_KINDS, ConditionBatches, channels_for, condition_display
+from core.config import ConfigError, load_config
+from core.data import DataError, PhotoCrops, load_photos, read_folder, read_index
+from core.palette import Palette
+from core.train_transformer import TransformerTrainConfig, train_transformer
 from core.train_vqgan import VQGANTrainConfig, VQGANTrainer, train_vqgan
 from core.training import DataConfig
 
@@ -15,12 +18,12 @@ logger = logging.getLogger(__name__)
 def records_for(data: DataConfig):
     """The photo records a data config names: a user's folder, else the index file."""
     if data.folder:
-        return read_folder(data.folder, data.labels, data.edges, data.depth)
-    if not data.index:
-        from core.data import DataError
-
+        records = read_folder(data.folder, data.labels, data.edges, data.depth)
+    elif data.index:
+        records = read_index(data.index, data.split, data.min_nature_share)
+    else:
         raise DataError("set data.folder=PATH (your photos) or data.index=PATH (an index.jsonl)")
-    return read_index(data.index, data.split, data.min_nature_share)
+    return records[: data.limit] if data.limit > 0 else records
 
 
 class ImageBatches:
@@ -61,17 +64,52 @@ def vqgan_card(config: VQGANTrainConfig, records):
 
 def run_vqgan(config_path, overrides, resume: bool):
     config = load_config(VQGANTrainConfig, config_path, overrides)
-    if config.kind != "image":
-        from core.condition_stages import run_condition_stage
-
-        return run_condition_stage(config, resume)
+    if config.kind not in ("image", *SPATIAL_KINDS):
+        raise ConfigError(
+            f"config key 'kind' is '{config.kind}'; expected image, {', '.join(SPATIAL_KINDS)}"
+        )
     records = records_for(config.data)
-    images, records = load_photos(records, config.data.crop, config.data.max_short_side)
-    crops = PhotoCrops(images, config.data.crop, config.run.seed)
-    return train_vqgan(config, ImageBatches(crops), resume, vqgan_card(config, records))
+    if config.kind == "image":
+        images, records = load_photos(records, config.data.crop, config.data.max_short_side)
+        batches = ImageBatches(PhotoCrops(images, config.data.crop, config.run.seed))
+        return train_vqgan(config, batches, resume, vqgan_card(config, records))
+    palette = Palette.default()
+    channels = channels_for(config.kind, palette)  # derived, never hand-edited
+    config.model.in_channels = config.model.out_channels = channels
+    batches = ConditionBatches(config.kind, records, config.data.crop, config.run.seed, palette)
+
+    def display(batch):
+        return condition_display(config.kind, batch, palette)
+
+    card = vqgan_card(config, batches.records)
+    return train_vqgan(config, batches, resume, card, display)
+
+
+def split_records(config) -> tuple[list, list]:
+    """Train and validation records: the index's splits, or 5 % of a user's folder held out."""
+    data = config.data
+    if data.folder:
+        records = records_for(data)
+        held_out = max(1, len(records) // 20) if len(records) > 1 else 0
+        return records[held_out:], records[:held_out] or records
+    train = records_for(data)
+    val = read_index(data.index, "val", data.min_nature_share)
+    return train, val[: data.limit] if data.limit > 0 else val
+
+
+def run_transformer(config_path, overrides, resume: bool):
+    config = load_config(TransformerTrainConfig, config_path, overrides)
+    train, val = split_records(config)
+    return train_transformer(config, train, val, resume)
 
 
 def run_stage(stage: str, config_path, overrides, resume: bool):
     if stage == "vqgan":
         return run_vqgan(config_path, overrides, resume)
-    raise NotImplementedError(f"stage '{stage}' is not available yet")
+    if stage == "transformer":
+        return run_transformer(config_path, overrides, resume)
+    if stage == "bundle":
+        from core.bundle import BundleConfig, build_bundle
+
+        return build_bundle(load_config(BundleConfig, config_path, overrides))
+    raise ConfigError(f"unknown stage '{stage}'")

@@ -111,7 +111,10 @@ class VQGANTrainer:
         if kind == "layout":  # one-hot in, class ids out: cross-entropy as in the paper
             loss = F.cross_entropy(output.float(), target)
             return loss, {"ce": loss.item()}
-        l1 = (output.float() - target).abs().mean()
+        error = (output.float() - target).abs()
+        if kind == "edges":  # edges are sparse: weigh the stroke pixels up so they are kept
+            error = error * (1.0 + 4.0 * (target > 0).float())
+        l1 = error.mean()
         if not self.use_gan:
             return l1, {"l1": l1.item()}
         perceptual = self.perceptual(output.float(), target).mean()
@@ -289,7 +292,9 @@ def train_vqgan(config: VQGANTrainConfig, batches, resume: bool, card_text, disp
                 if warning:
                     logger.warning(warning)
             if run.dist.is_main and trainer.step % config.run.sample_every == 0:
-                save_sample_grid(trainer, run.folder / "samples" / f"{trainer.step:07d}.png", display)
+                save_sample_grid(
+                    trainer, run.folder / "samples" / f"{trainer.step:07d}.png", display
+                )
             if run.due_for_save():
                 save()
             if run.out_of_time():

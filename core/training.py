@@ -41,6 +41,7 @@ class DataConfig:
     min_nature_share: float = 0.0  # keep landscape-rich photos only
     crop: int = 128
     max_short_side: int = 256  # photos are held in memory at most this size
+    limit: int = 0  # use only the first N photos (0: all), for quick trials
 
 
 @dataclass

@@ -217,7 +217,8 @@ class VectorQuantizer(nn.Module):
             return 0
         picks = torch.randint(0, recent.shape[0], (count,), generator=generator)
         fresh = recent[picks].to(self.codebook.weight)
-        fresh = fresh + 0.01 * fresh.std() * torch.randn(fresh.shape, generator=generator)
+        noise = torch.randn(fresh.shape, generator=generator).to(fresh)  # CPU generator
+        fresh = fresh + 0.01 * fresh.std() * noise
         self.codebook.weight.data[dead] = fresh
         return count
 
@@ -361,7 +362,9 @@ def tiled_encode(model: VQGAN, x: torch.Tensor, tile: int, overlap: int = 64) ->
     f = model.factor
     B, _, H, W = x.shape
     indices = torch.zeros(B, H // f, W // f, dtype=torch.long)
-    rows, cols = _tile_starts(H, tile, overlap), _tile_starts(W, tile, overlap)
+    # tiles start on the token grid, or their tokens would sit up to f-1 pixels off the image's
+    rows = [f * s for s in _tile_starts(H // f, tile // f, overlap // f)]
+    cols = [f * s for s in _tile_starts(W // f, tile // f, overlap // f)]
     best = torch.full((H // f, W // f), -1.0)
     for top in rows:
         for left in cols:

@@ -1,0 +1,98 @@
+"""Assembling a bundle: the trained transformer and the exact stages it was trained with.
+
+`python train.py bundle transformer=runs/transformer/checkpoint out=checkpoints` copies every
+model into one folder (fp16 by default), re-records in the transformer which stage weights it
+belongs with, adds the data terms to each card and writes the manifest `bundle.yaml`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+    write_manifest,
+)
+
+logger = logging.getLogger(__name__)
+
+DATA_TERMS = """
+## Data and terms
+
+Trained on the landscape data pack (`../shared/data`): ml5 "landscapes" from Flickr (each photo
+under its own CC licence; attribution in the pack's ATTRIBUTION-ml5.tsv), S-FLCKR examples,
+ADE20K, COCO 2017, Open Images, CamVid, BSDS500 and D-RIN examples (ImageNet). Several sources
+allow research and non-commercial use only (CamVid, BSDS500, ImageNet, ADE20K), so this model
+is for research and non-commercial use.
+"""
+
+
+@dataclass
+class BundleConfig:
+    transformer: str = "runs/transformer/checkpoint"
+    out: str = "checkpoints"
+    name: str = "landscape"
+    half: bool = True  # store weights as fp16 (half the size; loads back into fp32 models)
+
+
+def _copy_model(source: Path, target: Path, half: bool, notes: str) -> str:
+    checkpoint = load_checkpoint(source)
+    card = (source / "card.md").read_text() if (source / "card.md").is_file() else ""
+    if DATA_TERMS.strip() not in card:
+        card = card.rstrip() + "\n" + notes + DATA_TERMS
+    return save_checkpoint(
+        target,
+        checkpoint.kind,
+        checkpoint.model,
+        checkpoint.state,
+        card,
+        extra=checkpoint.extra,
+        half=half,
+    )
+
+
+def build_bundle(config: BundleConfig) -> Path:
+    """Write the bundle folder; returns it."""
+    out = Path(config.out)
+    transformer = load_checkpoint(config.transformer, kind="transformer")
+    folders = transformer.extra.get("stage_folders", {})
+    recorded = transformer.extra.get("stages", {})
+    size_note = "\nWeights stored as fp16.\n" if config.half else "\n"
+    bundled_hashes = {}
+    for role, sha in recorded.items():
+        source = Path(folders.get(role, ""))
+        if not source.is_dir():
+            raise CheckpointError(
+                f"the transformer was trained with the '{role}' stage from '{source}', which is "
+                "gone; bundle it where its stages are, or retrain the transformer"
+            )
+        if load_checkpoint(source).weights_sha256 != sha:
+            raise CheckpointError(
+                f"{source} changed since the transformer was trained on it (hash differs); "
+                "retrain the transformer on the current stage or restore the stage"
+            )
+        bundled_hashes[role] = _copy_model(source, out / role, config.half, size_note)
+        logger.info("bundled %s from %s", role, source)
+    extra = dict(transformer.extra)
+    extra.update(stages=bundled_hashes, name=config.name)
+    extra.pop("stage_folders", None)
+    card = (Path(config.transformer) / "card.md").read_text()
+    if DATA_TERMS.strip() not in card:
+        card = card.rstrip() + "\n" + size_note + DATA_TERMS
+    save_checkpoint(
+        out / "transformer",
+        "transformer",
+        transformer.model,
+        transformer.state,
+        card,
+        extra=extra,
+        half=config.half,
+    )
+    write_manifest(out, {"transformer": "transformer", **{role: role for role in bundled_hashes}})
+    total = sum(p.stat().st_size for p in out.rglob("*.safetensors"))
+    logger.info("bundle %s written: %.1f MB of weights", out, total / 1e6)
+    return out
