@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.checkpoint import CheckpointError, load_checkpoint, load_state_strict
+from core.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_state_strict
 from core.config import ConfigError, config_from_dict
 from core.transformer import GPT, GPTConfig
 from core.vqgan import VQGAN, VQGANConfig
@@ -25,20 +25,24 @@ TASKS = (*SPATIAL_TASKS, *SUPERRES_TASKS, "free")
 SCENES = ("field", "forest", "lake", "mountain", "ocean", "road")
 
 
-def load_vqgan(folder: str | Path, kind: str | None = None) -> tuple[VQGAN, str]:
-    """A VQGAN (image or condition stage) from its checkpoint folder, in eval mode; and its hash."""
-    checkpoint = load_checkpoint(folder)
+def vqgan_from_checkpoint(checkpoint: Checkpoint) -> VQGAN:
+    """A VQGAN in eval mode built from a loaded checkpoint (strict: every tensor must fit)."""
+    source = str(checkpoint.folder)
     if not checkpoint.kind.startswith("vqgan:"):
-        raise CheckpointError(f"{folder} holds a '{checkpoint.kind}' model, not a VQGAN stage")
-    if kind is not None and checkpoint.kind != f"vqgan:{kind}":
-        raise CheckpointError(f"{folder} holds a '{checkpoint.kind}' model, expected vqgan:{kind}")
+        raise CheckpointError(f"{source} holds a '{checkpoint.kind}' model, not a VQGAN stage")
     try:
-        config = config_from_dict(VQGANConfig, checkpoint.model, f"{folder}/config.yaml")
+        config = config_from_dict(VQGANConfig, checkpoint.model, f"{source}/config.yaml")
     except ConfigError as error:
         raise CheckpointError(str(error)) from None
     model = VQGAN(config)
-    load_state_strict(model, checkpoint.state, str(folder))
-    return model.eval(), checkpoint.weights_sha256
+    load_state_strict(model, checkpoint.state, source)
+    return model.eval()
+
+
+def load_vqgan(folder: str | Path, kind: str | None = None) -> tuple[VQGAN, str]:
+    """A VQGAN (image or condition stage) from its checkpoint folder, in eval mode; and its hash."""
+    checkpoint = load_checkpoint(folder, f"vqgan:{kind}" if kind else None)
+    return vqgan_from_checkpoint(checkpoint), checkpoint.weights_sha256
 
 
 @dataclass

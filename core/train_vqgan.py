@@ -25,6 +25,7 @@ from core.training import (
     all_reduce_sum_,
     average_gradients,
     broadcast_,
+    broadcast_module_,
     cosine_lr,
 )
 from core.vqgan import VQGAN, CodeUsage, VQGANConfig
@@ -82,6 +83,7 @@ class VQGANTrainer:
             self.model.to(memory_format=torch.channels_last)
         self.step = 0
         self.disc_loss_history: list[float] = []
+        self._last_output = None  # the generator's output the discriminator judges next
 
     # ------------------------------------------------------------------ state
 
@@ -142,6 +144,7 @@ class VQGANTrainer:
         )
         if not self.run.check_finite(loss, self.step, "a learning rate too high for this batch"):
             self.model_optimizer.zero_grad(set_to_none=True)
+            self._last_output = None  # the discriminator skips this step too
             return metrics
         self.model_optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -156,6 +159,8 @@ class VQGANTrainer:
     def discriminator_step(self, target) -> dict:
         if not self.use_gan or self.step < self.config.loss.disc_start:
             return {}
+        if self._last_output is None:
+            return {}
         with self.run.autocast():
             logits_real = self.discriminator(target)
             logits_fake = self.discriminator(self._last_output)
@@ -169,8 +174,8 @@ class VQGANTrainer:
         self.disc_loss_history = (self.disc_loss_history + [loss.item()])[-200:]
         return {
             "d_loss": loss.item(),
-            "logits_real": float(logits_real.float().mean()),
-            "logits_fake": float(logits_fake.float().mean()),
+            "logits_real": logits_real.detach().float().mean().item(),
+            "logits_fake": logits_fake.detach().float().mean().item(),
         }
 
     # ------------------------------------------------------------------ codebook
@@ -257,6 +262,9 @@ def train_vqgan(config: VQGANTrainConfig, batches, resume: bool, card_text, disp
         else:
             trainer.load(state)
             logger.info("resumed %s at step %d", run.folder, trainer.step)
+    broadcast_module_(trainer.model, run.dist)  # every rank starts from rank 0's weights
+    if trainer.use_gan:
+        broadcast_module_(trainer.discriminator, run.dist)
     checkpoint_folder = run.folder / "checkpoint"
 
     def save() -> None:
