@@ -30,6 +30,7 @@ from core.config import ConfigError
 from core.data import DataError, load_rgb, read_index, to_tensor, to_uint8
 from core.losses import PerceptualDistance, PerceptualWeightsError
 from core.models import vqgan_from_checkpoint
+from core.report import REPORT_ERRORS, add_bundle_command
 from core.vqgan import CodeUsage
 
 logger = logging.getLogger(__name__)
@@ -226,6 +227,7 @@ def add_vqgan_command(subparsers, common: argparse.ArgumentParser) -> None:
 # Each entry adds one subcommand; its parser must set `evaluate` to a function args -> dict.
 COMMANDS: tuple[Callable[[argparse._SubParsersAction, argparse.ArgumentParser], None], ...] = (
     add_vqgan_command,
+    add_bundle_command,
 )
 
 
@@ -259,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         DataError,
         EvaluationError,
         PerceptualWeightsError,
+        *REPORT_ERRORS,
     ) as error:
         logger.error("%s", error)
         return 2

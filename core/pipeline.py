@@ -35,7 +35,7 @@ from core.conditions import (
 from core.data import to_tensor, to_uint8
 from core.models import SCENES, SUPERRES_TASKS, Vocabulary, load_transformer, load_vqgan
 from core.palette import LayoutError, Palette, check_layout
-from core.sampler import DEFAULT_STRIDE, Condition, SamplingOptions, grid_for_pixels, sample
+from core.sampler import Condition, SamplingOptions, grid_for_pixels, sample
 from core.transformer import GPT, GPTConfig
 from core.vqgan import VQGAN, VQGANConfig
 
@@ -310,14 +310,6 @@ class Pipeline:
 
     # ------------------------------------------------------------------ sampling
 
-    def _stride(self, window: tuple[int, int]) -> tuple[int, int]:
-        """How far windows move: a few tokens, never more than half the window, so every
-        target keeps at least a quarter window of context above and to its left."""
-        return (
-            max(1, min(DEFAULT_STRIDE[0], window[0] // 2)),
-            max(1, min(DEFAULT_STRIDE[1], window[1] // 2)),
-        )
-
     def _window(self, request: GenerateRequest) -> tuple[int, int]:
         rows, cols = self.transformer.config.window_rows, self.transformer.config.window_cols
         if request.window is None:
@@ -434,7 +426,6 @@ class Pipeline:
             grid.grid_w,
             options,
             window=window,
-            stride=self._stride(window),
             known=known,
             mask=mask,
         )
