@@ -86,8 +86,12 @@ class ConditionBatches:
     light random thresholds; depth is estimated from the whole label map, then cropped.
     """
 
-    def __init__(self, kind: str, records: list[Record], crop: int, seed: int, palette: Palette):
+    def __init__(
+        self, kind: str, records: list[Record], crop: int, seed: int, palette: Palette,
+        rank: int = 0,
+    ):  # fmt: skip
         self.kind = kind
+        self.rank = rank  # each DDP rank draws its own crops
         self.crop = crop
         self.seed = seed
         self.palette = palette
@@ -112,8 +116,8 @@ class ConditionBatches:
             return (estimate_depth_from_layout(ids, self.palette) * 255).astype(np.uint8)
         return ids.astype(np.uint8)
 
-    def batch(self, step: int, size: int, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = step_generator(self.seed, rank, step)
+    def batch(self, step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = step_generator(self.seed, self.rank, step)
         picks = rng.integers(0, len(self.images), size)
         maps = []
         for index in picks:

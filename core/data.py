@@ -242,7 +242,8 @@ class PhotoCrops:
     """Random crops of photos held in memory; `batch(step)` is deterministic per step."""
 
     def __init__(self, images: list[np.ndarray], crop: int, seed: int, rank: int = 0, world=1):
-        self.images = images[rank::world] if world > 1 else images
+        # each rank crops its own share of the photos (all of them when there are too few)
+        self.images = images[rank::world] if len(images) >= world else images
         self.crop = crop
         self.seed = seed
         self.rank = rank

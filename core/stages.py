@@ -6,11 +6,11 @@ import logging
 
 from core.condition_stages import SPATIAL_KINDS, ConditionBatches, channels_for, condition_display
 from core.config import ConfigError, load_config
-from core.data import DataError, PhotoCrops, load_photos, read_folder, read_index
+from core.data import DataError, PhotoCrops, load_photos, load_rgb, read_folder, read_index
 from core.palette import Palette
 from core.train_transformer import TransformerTrainConfig, train_transformer
 from core.train_vqgan import VQGANTrainConfig, VQGANTrainer, train_vqgan
-from core.training import DataConfig
+from core.training import DataConfig, setup_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -68,15 +68,19 @@ def run_vqgan(config_path, overrides, resume: bool):
         raise ConfigError(
             f"config key 'kind' is '{config.kind}'; expected image, {', '.join(SPATIAL_KINDS)}"
         )
+    ranks = setup_distributed(config.run.ddp_timeout_s)  # joined first: each rank draws its share
     records = records_for(config.data)
     if config.kind == "image":
         images, records = load_photos(records, config.data.crop, config.data.max_short_side)
-        batches = ImageBatches(PhotoCrops(images, config.data.crop, config.run.seed))
+        crops = PhotoCrops(images, config.data.crop, config.run.seed, ranks.rank, ranks.world)
+        batches = ImageBatches(crops)
         return train_vqgan(config, batches, resume, vqgan_card(config, records))
     palette = Palette.default()
     channels = channels_for(config.kind, palette)  # derived, never hand-edited
     config.model.in_channels = config.model.out_channels = channels
-    batches = ConditionBatches(config.kind, records, config.data.crop, config.run.seed, palette)
+    batches = ConditionBatches(
+        config.kind, records, config.data.crop, config.run.seed, palette, ranks.rank
+    )
 
     def display(batch):
         return condition_display(config.kind, batch, palette)
@@ -85,13 +89,26 @@ def run_vqgan(config_path, overrides, resume: bool):
     return train_vqgan(config, batches, resume, card, display)
 
 
+def _tall_enough(record, height: int) -> bool:
+    try:
+        return load_rgb(record.photo).shape[0] >= height
+    except DataError:
+        return False
+
+
 def split_records(config) -> tuple[list, list]:
     """Train and validation records: the index's splits, or 5 % of a user's folder held out."""
     data = config.data
     if data.folder:
         records = records_for(data)
-        held_out = max(1, len(records) // 20) if len(records) > 1 else 0
-        return records[held_out:], records[:held_out] or records
+        wanted = max(1, len(records) // 20) if len(records) > 1 else 0
+        train, held_out = [], []  # held out: usable photos, so a broken file cannot empty val
+        for record in records:
+            if len(held_out) < wanted and _tall_enough(record, config.token_height):
+                held_out.append(record)
+            else:
+                train.append(record)
+        return train, held_out or records
     train = records_for(data)
     val = read_index(data.index, "val", data.min_nature_share)
     return train, val[: data.limit] if data.limit > 0 else val
@@ -104,7 +121,7 @@ def run_transformer(config_path, overrides, resume: bool):
 
 
 def run_stage(stage: str, config_path, overrides, resume: bool):
-    if stage == "vqgan":
+    if stage in ("vqgan", "condition"):  # the same loop; the config's `kind` tells them apart
         return run_vqgan(config_path, overrides, resume)
     if stage == "transformer":
         return run_transformer(config_path, overrides, resume)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,14 @@ from core.config import ConfigError, config_to_yaml
 from core.data import DataError, Record, load_rgb, step_generator, to_tensor
 from core.models import SCENES, SPATIAL_TASKS, SUPERRES_TASKS, TASKS, Vocabulary, load_vqgan
 from core.palette import Palette, load_label_map, random_free_regions
-from core.training import DataConfig, Run, RunConfig, average_gradients, cosine_lr
+from core.training import (
+    DataConfig,
+    Run,
+    RunConfig,
+    average_gradients,
+    broadcast_module_,
+    cosine_lr,
+)
 from core.transformer import GPT, GPTConfig
 
 logger = logging.getLogger(__name__)
@@ -120,12 +128,13 @@ class Tokeniser:
 
     @torch.no_grad()
     def _encode(self, model, inputs: torch.Tensor) -> np.ndarray:
-        return model.encode(inputs).indices[0].cpu().numpy().astype(np.int16)
+        """Indices B, h, w as int16; a batch of same-sized inputs at once."""
+        return model.encode(inputs).indices.cpu().numpy().astype(np.int16)
 
-    @torch.no_grad()
-    def tokenise(
+    def prepare(
         self, record: Record, config: TransformerTrainConfig, rng: np.random.Generator
-    ) -> TokenGrids | None:
+    ) -> dict | None:
+        """The photo at token height and its condition maps, ready to encode (None: too small)."""
         image = load_rgb(record.photo)
         if image.shape[0] < config.token_height:
             return None
@@ -133,8 +142,6 @@ class Tokeniser:
         fit = (config.token_height, config.max_aspect)
         image = self._resized(image, *fit, Image.LANCZOS)
         h, w = image.shape[:2]
-        grids = TokenGrids(self._encode(self.image_model, to_tensor([image])), {}, record.scene)
-        vocabulary = self.vocabulary
         ids = None
         if record.label is not None and {"layout", "depth"} & set(self.stage_models):
             full = load_label_map(record.label, self.palette).astype(np.uint8)
@@ -146,20 +153,54 @@ class Tokeniser:
         if ids is not None:
             maps["layout"] = random_free_regions(ids, rng, self.palette)
             maps["depth"] = estimate_depth_from_layout(ids, self.palette, rng)
-        for task, model in self.stage_models.items():
-            if task in maps:
-                inputs = condition_input(task, maps[task][None], self.palette)
-                codes = self._encode(model, inputs) + vocabulary.offsets[task]
-                grids.conditions[task] = codes.astype(np.int16)
+        maps = {task: m for task, m in maps.items() if task in self.stage_models}
         if rng.random() < config.superres_share:
             for task in SUPERRES_TASKS:
                 if task in self.tasks:
-                    factor = int(task.removeprefix("superres"))
-                    small = downsample(image, factor)
-                    blurry = upsample_bicubic(small, (w, h))
-                    codes = self._encode(self.image_model, to_tensor([blurry]))
-                    grids.conditions[task] = (codes + vocabulary.offsets["image"]).astype(np.int16)
+                    small = downsample(image, int(task.removeprefix("superres")))
+                    maps[task] = upsample_bicubic(small, (w, h))
+        return {"image": image, "maps": maps, "scene": record.scene}
+
+    @torch.no_grad()
+    def encode(self, prepared: list[dict]) -> list[TokenGrids]:
+        """Token grids of prepared photos that share one size, encoded in batches."""
+        vocabulary = self.vocabulary
+        grids = [TokenGrids(np.zeros(0), {}, p["scene"]) for p in prepared]
+        codes = self._encode(self.image_model, to_tensor([p["image"] for p in prepared]))
+        for grid, image_codes in zip(grids, codes, strict=True):
+            grid.image = image_codes
+        for task in (*SPATIAL_TASKS, *SUPERRES_TASKS):
+            members = [k for k, p in enumerate(prepared) if task in p["maps"]]
+            if not members:
+                continue
+            stacked = [prepared[k]["maps"][task] for k in members]
+            if task in SUPERRES_TASKS:
+                model, inputs, source = self.image_model, to_tensor(stacked), "image"
+            else:
+                model, source = self.stage_models[task], task
+                inputs = condition_input(task, np.stack(stacked), self.palette)
+            task_codes = self._encode(model, inputs) + vocabulary.offsets[source]
+            for k, grid_codes in zip(members, task_codes, strict=True):
+                grids[k].conditions[task] = grid_codes.astype(np.int16)
         return grids
+
+
+def _encode_by_size(tokeniser: Tokeniser, prepared: list[dict], batch: int) -> list[TokenGrids]:
+    """Encode prepared photos in batches of equal size, keeping their order."""
+    grids: list[TokenGrids | None] = [None] * len(prepared)
+    by_size: dict[tuple, list[int]] = {}
+    for index, item in enumerate(prepared):
+        by_size.setdefault(item["image"].shape, []).append(index)
+    bar = tqdm(total=len(prepared), desc="encoding", unit="photo")
+    for members in by_size.values():
+        for start in range(0, len(members), batch):
+            chunk = members[start : start + batch]
+            encoded = tokeniser.encode([prepared[i] for i in chunk])
+            for index, grid in zip(chunk, encoded, strict=True):
+                grids[index] = grid
+            bar.update(len(chunk))
+    bar.close()
+    return [g for g in grids if g is not None]
 
 
 def tokenise_split(
@@ -180,15 +221,16 @@ def tokenise_split(
             for item in stored
         ]
     rng = np.random.default_rng([config.run.seed, 7])
-    grids = []
-    for record in tqdm(records, desc=f"tokenising {split}", unit="photo"):
+    prepared = []
+    for record in tqdm(records, desc=f"preparing {split}", unit="photo"):
         try:
-            result = tokeniser.tokenise(record, config, rng)
+            item = tokeniser.prepare(record, config, rng)
         except DataError as error:
             logger.warning("skipping %s", error)
             continue
-        if result is not None:
-            grids.append(result)
+        if item is not None:
+            prepared.append(item)
+    grids = _encode_by_size(tokeniser, prepared, batch=16)
     if not grids:
         raise DataError(f"no photo of the {split} split is {config.token_height} px tall or more")
     stored = [
@@ -200,7 +242,7 @@ def tokenise_split(
         for g in grids
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")  # DDP ranks tokenise side by side
     torch.save(stored, temporary)
     temporary.replace(path)
     return grids
@@ -353,6 +395,7 @@ def train_transformer(config: TransformerTrainConfig, train_records, val_records
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
         logger.info("resumed %s at step %d", run.folder, step)
+    broadcast_module_(model, run.dist)  # every rank starts from rank 0's weights
 
     def save() -> None:
         run.save_state(
@@ -409,7 +452,8 @@ def train_transformer(config: TransformerTrainConfig, train_records, val_records
             if step % config.run.log_every == 0:
                 rate = (step - started_step) / max(time.monotonic() - started, 1e-9)
                 started, started_step = time.monotonic(), step
-                metrics = {"loss": float(loss), "bits": float(loss) / math.log(2), "lr": lr}
+                value = loss.item()  # float(loss) would warn: the loss still requires grad
+                metrics = {"loss": value, "bits": value / math.log(2), "lr": lr}
                 metrics.update(task=task, steps_per_s=rate)
                 run.log(step, metrics)
                 bar.set_postfix(bits=f"{metrics['bits']:.2f}")

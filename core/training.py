@@ -86,10 +86,10 @@ def setup_distributed(timeout_s: int) -> Distributed:
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     try:
-        dist.init_process_group(
-            backend, timeout=datetime.timedelta(seconds=timeout_s), rank=rank, world_size=world
-        )
-        dist.barrier()
+        if not dist.is_initialized():  # a stage may have joined early, to shard its data
+            timeout = datetime.timedelta(seconds=timeout_s)
+            dist.init_process_group(backend, timeout=timeout, rank=rank, world_size=world)
+            dist.barrier()
     except Exception as error:  # the store raises several kinds on timeout or a taken port
         raise TrainingError(
             f"rank {rank}: the process group did not form within {timeout_s} s ({error}); "
@@ -119,6 +119,13 @@ def broadcast_(tensor: torch.Tensor, dist_info: Distributed) -> None:
     """Make rank 0's value of `tensor` everyone's (decisions are made once)."""
     if dist_info.world > 1:
         dist.broadcast(tensor, src=0)
+
+
+def broadcast_module_(module: torch.nn.Module, dist_info: Distributed) -> None:
+    """Give every rank rank 0's weights and buffers (each process draws its own initial ones)."""
+    if dist_info.world > 1:
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=0)
 
 
 def all_reduce_sum_(tensor: torch.Tensor, dist_info: Distributed) -> None:

@@ -1,0 +1,163 @@
+"""The stage-2 transformer: causality, window sizes, KV cache steps and the optimizer groups."""
+
+import math
+
+import pytest
+import torch
+
+from core.transformer import GPT, GPTConfig
+
+ROWS, COLS = 4, 5  # the tiny model's trained window
+
+
+def tiny_model(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    config = GPTConfig(
+        image_vocab=32,
+        cond_vocab=24,
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        window_rows=ROWS,
+        window_cols=COLS,
+    )
+    return GPT(config).eval()
+
+
+def window_tokens(batch: int = 2, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(0, 24, (batch, 1), generator=generator)
+    cond = torch.randint(0, 24, (batch, ROWS * COLS), generator=generator)
+    image = torch.randint(0, 32, (batch, ROWS * COLS), generator=generator)
+    return prefix, cond, image
+
+
+def test_forward_returns_one_logit_row_per_image_token():
+    model = tiny_model()
+    prefix, cond, image = window_tokens()
+    assert model(prefix, cond, image, ROWS, COLS).shape == (2, 20, 32)
+
+
+def test_logits_do_not_see_the_token_they_predict_or_later_ones():
+    model = tiny_model()
+    prefix, cond, image = window_tokens()
+    changed = image.clone()
+    changed[:, 7:] = (changed[:, 7:] + 1) % 32
+    before = model(prefix, cond, image, ROWS, COLS)
+    after = model(prefix, cond, changed, ROWS, COLS)
+    torch.testing.assert_close(before[:, :8], after[:, :8])
+    assert not torch.allclose(before[:, 8:], after[:, 8:])
+
+
+def test_condition_tokens_change_the_prediction():
+    model = tiny_model()
+    prefix, cond, image = window_tokens()
+    other = (cond + 1) % 24
+    assert not torch.allclose(
+        model(prefix, cond, image, ROWS, COLS), model(prefix, other, image, ROWS, COLS)
+    )
+
+
+def test_model_without_condition_tokens_runs_on_prefix_and_image():
+    model = tiny_model()
+    prefix, _, image = window_tokens()
+    assert model(prefix, None, image, ROWS, COLS).shape == (2, 20, 32)
+
+
+def test_untrained_model_loss_is_about_log_vocabulary():
+    model = tiny_model()
+    prefix, cond, image = window_tokens(batch=4)
+    assert abs(model.loss(prefix, cond, image, ROWS, COLS).item() - math.log(32)) < 0.05
+
+
+def test_smaller_window_than_trained_is_accepted():
+    model = tiny_model()
+    prefix, cond, image = window_tokens()
+    logits = model(prefix, cond[:, :6], image[:, :6], 2, 3)
+    assert logits.shape == (2, 6, 32)
+
+
+def test_window_larger_than_trained_is_refused_naming_the_limit():
+    model = tiny_model()
+    prefix, cond, image = window_tokens()
+    with pytest.raises(ValueError, match="at most 4x5"):
+        model(prefix, None, image, 5, 4)
+
+
+def test_prefill_gives_the_full_forward_logits():
+    model = tiny_model()
+    prefix, cond, image = window_tokens()
+    full = model(prefix, cond, image, ROWS, COLS)
+    cache = model.new_cache(2, ROWS, COLS, with_cond=True)
+    logits = model.prefill(cache, prefix, cond, image[:, :6], ROWS, COLS)
+    torch.testing.assert_close(logits, full[:, 6])
+    assert cache.length == 1 + 20 + 6
+
+
+def test_extend_of_k_tokens_equals_k_decode_one_steps():
+    model = tiny_model()
+    prefix, cond, image = window_tokens()
+    stepped = model.new_cache(2, ROWS, COLS, with_cond=True)
+    extended = model.new_cache(2, ROWS, COLS, with_cond=True)
+    model.prefill(stepped, prefix, cond, image[:, :3], ROWS, COLS)
+    model.prefill(extended, prefix, cond, image[:, :3], ROWS, COLS)
+
+    steps = torch.stack([model.decode_one(stepped, image[:, k], k) for k in range(3, 9)], dim=1)
+    at_once = model.extend(extended, image[:, 3:9], 3, all_logits=True)
+    torch.testing.assert_close(at_once, steps, atol=1e-5, rtol=1e-5)
+    assert extended.length == stepped.length == 1 + 20 + 9
+
+
+def test_truncate_then_extend_matches_full_forward_with_changed_tokens():
+    model = tiny_model()
+    prefix, cond, image = window_tokens()
+    cache = model.new_cache(2, ROWS, COLS, with_cond=True)
+    model.prefill(cache, prefix, cond, image[:, :12], ROWS, COLS)
+    changed = image.clone()
+    changed[:, 5] = (changed[:, 5] + 3) % 32
+
+    model.truncate(cache, 5)
+    logits = model.extend(cache, changed[:, 5:12], 5)
+    full = model(prefix, cond, changed, ROWS, COLS)
+    torch.testing.assert_close(logits, full[:, 12], atol=1e-5, rtol=1e-5)
+
+
+def test_feeds_of_two_windows_in_one_pass_match_separate_runs():
+    model = tiny_model()
+    prefix, cond, image = window_tokens()
+    _, other_cond, other_image = window_tokens(seed=2)
+    first = model.new_cache(2, ROWS, COLS, with_cond=True)
+    second = model.new_cache(2, ROWS, COLS, with_cond=True)
+    model.prefill(first, prefix, cond, image[:, :4], ROWS, COLS)
+
+    together = model.run_feeds(
+        [
+            model.feed_image(first, image[:, 4:5], 4),
+            model.feed_prompt(second, prefix, other_cond, other_image[:, :9], ROWS, COLS),
+        ]
+    )
+    torch.testing.assert_close(together[0], model(prefix, cond, image, ROWS, COLS)[:, 5])
+    alone = model(prefix, other_cond, other_image, ROWS, COLS)[:, 9]
+    torch.testing.assert_close(together[1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_feeding_out_of_order_is_refused():
+    model = tiny_model()
+    prefix, cond, image = window_tokens()
+    cache = model.new_cache(2, ROWS, COLS, with_cond=True)
+    model.prefill(cache, prefix, cond, image[:, :4], ROWS, COLS)
+    with pytest.raises(ValueError, match="holds 4 image tokens"):
+        model.decode_one(cache, image[:, 6], 6)
+
+
+def test_optimizer_decays_linear_weights_only():
+    model = tiny_model()
+    optimizer = model.configure_optimizer(lr=1e-3, weight_decay=0.1)
+    decayed, plain = optimizer.param_groups
+    decayed_ids = {id(p) for p in decayed["params"]}
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert id(model.blocks[0].attn.qkv.weight) in decayed_ids
+    assert id(model.head.weight) in decayed_ids
+    assert id(model.image_embed.weight) not in decayed_ids
+    assert id(model.blocks[0].ln1.weight) not in decayed_ids
+    assert len(decayed["params"]) == 2 * 4 + 1  # four linear layers per block, plus the head
