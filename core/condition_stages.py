@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -62,8 +63,11 @@ def condition_input(kind: str, maps, palette: Palette) -> torch.Tensor:
     """Model input for a condition map: layout ids, edges (uint8 0/255) or depth in [0, 1]."""
     if kind == "layout":
         return layout_input(maps, palette)
-    if kind == "edges":
-        return scalar_input(maps, 255.0)
+    if kind == "edges":  # thin lines are thickened to 3 px so a few strokes still register
+        maps = np.asarray(maps, dtype=np.uint8)
+        kernel = np.ones((3, 3), np.uint8)
+        thick = np.stack([cv2.dilate(m, kernel) for m in maps.reshape(-1, *maps.shape[-2:])])
+        return scalar_input(thick.reshape(maps.shape), 255.0)
     if kind == "depth":
         return scalar_input(maps, 1.0)
     raise ValueError(f"unknown condition kind '{kind}'; expected one of {SPATIAL_KINDS}")

@@ -431,28 +431,27 @@ class Pipeline:
         )
         frames, last_rows, tokens, stopped = [], -1, None, False
         every = max(1, grid.grid_w // 2)
-        with torch.inference_mode():
-            for event in events:
-                tokens = event.tokens
-                if stop is not None and stop.is_set():
-                    stopped = True
-                    break
-                row_changed = event.rows_done != last_rows
-                done = event.tokens_done == event.tokens_total
-                if row_changed or event.tokens_done % every == 0 or done:
-                    images = [self.preview(t)[:height, :width] for t in tokens.cpu().numpy()]
-                    if row_changed:
-                        frames.append(images[0])
-                        last_rows = event.rows_done
-                    yield Preview(
-                        images,
-                        event.rows_done,
-                        grid.grid_h,
-                        event.tokens_done,
-                        event.tokens_total,
-                        event.elapsed,
-                        event.eta,
-                    )
+        for event in events:
+            tokens = event.tokens
+            if stop is not None and stop.is_set():
+                stopped = True
+                break
+            row_changed = event.rows_done != last_rows
+            done = event.tokens_done == event.tokens_total
+            if row_changed or event.tokens_done % every == 0 or done:
+                images = [self.preview(t)[:height, :width] for t in tokens.cpu().numpy()]
+                if row_changed:
+                    frames.append(images[0])
+                    last_rows = event.rows_done
+                yield Preview(
+                    images,
+                    event.rows_done,
+                    grid.grid_h,
+                    event.tokens_done,
+                    event.tokens_total,
+                    event.elapsed,
+                    event.eta,
+                )
         if tokens is None:  # nothing to sample (an empty mask): the known grid as it is
             tokens = known
         final = tokens.clone()
@@ -469,12 +468,21 @@ class Pipeline:
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, width: int, height: int) -> list[np.ndarray]:
-        """Full decode of B × h × w tokens (unsampled ones shown grey), cropped to the size."""
+        """Full decode of B × h × w tokens, cropped to the size.
+
+        Unsampled tokens (a stopped run) are shown grey, and rows below the last sampled one
+        are not decoded at all, so stopping stays quick.
+        """
+        f = self.factor
         unknown = tokens < 0
-        pixels = self.image_model.decode_indices(tokens.clamp(min=0), tile=DECODE_TILE)
-        images = to_uint8(pixels)
+        sampled_rows = (~unknown).any(dim=0).any(dim=1).nonzero()
+        rows = int(sampled_rows.max()) + 1 if len(sampled_rows) else 0
+        images = np.full((tokens.shape[0], tokens.shape[1] * f, tokens.shape[2] * f, 3), 90)
+        images = images.astype(np.uint8)
+        if rows:
+            part = tokens[:, :rows].clamp(min=0)
+            images[:, : rows * f] = to_uint8(self.image_model.decode_indices(part, DECODE_TILE))
         if unknown.any():
-            f = self.factor
             grey = unknown.repeat_interleave(f, 1).repeat_interleave(f, 2).cpu().numpy()
             images = np.where(grey[..., None], np.uint8(90), images)
         return [image[:height, :width] for image in images]

@@ -115,7 +115,7 @@ class VQGANTrainer:
             return loss, {"ce": loss.item()}
         error = (output.float() - target).abs()
         if kind == "edges":  # edges are sparse: weigh the stroke pixels up so they are kept
-            error = error * (1.0 + 4.0 * (target > 0).float())
+            error = error * (1.0 + 9.0 * (target > 0).float())
         l1 = error.mean()
         if not self.use_gan:
             return l1, {"l1": l1.item()}

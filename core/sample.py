@@ -1,0 +1,137 @@
+"""Command-line sampling: a condition file (or none) in, PNGs out, with a progress bar.
+
+python -m core.sample --layout my_layout.png --size 1280x832 --seed 3 --out out/
+python -m core.sample --sketch sketch.png --size 512x512
+python -m core.sample --depth depth.png --size 768x512
+python -m core.sample --superres small.jpg --factor 4
+python -m core.sample --scene lake --size 1024x576
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from tqdm import tqdm
+
+from core.checkpoint import CheckpointError
+from core.conditions import ConditionError, load_depth
+from core.data import DataError, load_rgb
+from core.palette import LayoutError, load_label_map
+from core.pipeline import GenerateRequest, InputError, Pipeline, Preview
+
+logger = logging.getLogger("core.sample")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 512x512, got '{text}'") from None
+    return width, height
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m core.sample",
+        description="Generate landscapes from a layout, sketch, depth map, small photo or "
+        "nothing, with the bundled (or any) models.",
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--layout", help="label map PNG (palette ids) or palette-coloured image")
+    source.add_argument("--sketch", help="sketch image: dark lines on light paper or the reverse")
+    source.add_argument("--depth", help="depth map (near = bright): PNG 8/16-bit, TIFF, .npy")
+    source.add_argument("--superres", help="small photo to enlarge ×4 or ×8")
+    parser.add_argument("--scene", help="free mode: field, forest, lake, mountain, ocean, road")
+    parser.add_argument("--factor", type=int, default=4, choices=(4, 8), help="superres factor")
+    parser.add_argument("--size", type=parse_size, default=(512, 512), help="WxH in pixels")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=100)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--window", type=int, default=None, help="window rows in tokens")
+    parser.add_argument("--samples", type=int, default=1, help="images to make at once")
+    parser.add_argument("--checkpoints", default="checkpoints", help="model bundle folder")
+    parser.add_argument("--out", default="samples", help="folder for the PNGs")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    return parser
+
+
+def read_condition(args) -> tuple[str, np.ndarray | None]:
+    """The mode and the condition array named by the arguments."""
+    try:
+        if args.layout:
+            return "layout", load_label_map(args.layout)
+        if args.sketch:
+            return "sketch", load_rgb(args.sketch)
+        if args.depth:
+            return "depth", load_depth(args.depth)
+        if args.superres:
+            return "superres", load_rgb(args.superres)
+    except (LayoutError, ConditionError, DataError, UnidentifiedImageError, OSError) as error:
+        raise InputError(str(error)) from None
+    return "free", None
+
+
+def save_png(image: np.ndarray, path: Path, settings: dict) -> None:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("landscape-studio", json.dumps(settings))
+    Image.fromarray(image).save(path, pnginfo=info)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        mode, condition = read_condition(args)
+        pipeline = Pipeline.load(args.checkpoints)
+        width, height = args.size
+        request = GenerateRequest(
+            mode=mode,
+            width=width,
+            height=height,
+            condition=condition,
+            scene=args.scene,
+            superres_factor=args.factor,
+            seed=args.seed,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            window=args.window,
+            num_samples=args.samples,
+        )
+        bar = None
+        for event in pipeline.generate(request):
+            if isinstance(event, Preview):
+                if bar is None:
+                    bar = tqdm(total=event.tokens_total, desc=f"{mode} {width}x{height}")
+                bar.n = event.tokens_done
+                bar.refresh()
+                continue
+            result = event
+        if bar is not None:
+            bar.close()
+    except (InputError, CheckpointError) as error:
+        logger.error("%s", error)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(result.images):
+        path = out / f"{mode}-seed{args.seed}-{index}.png"
+        save_png(image, path, {**result.settings, "sample": index})
+        print(path)
+    logger.info("%d image(s) in %.1f s", len(result.images), result.seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The studio in a real browser: paint two classes, generate, watch, stop, generate again.
+
+Drives Debian's Chromium (/usr/bin/chromium) through Playwright's sync API against
+`python app.py --tiny`. Skipped when that Chromium is not installed.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SKY, TREE = (135, 206, 235), (34, 139, 34)
+TIMEOUT_MS = 120_000
+
+if not CHROMIUM.exists():
+    pytest.skip(
+        "Debian's Chromium is not installed (/usr/bin/chromium); "
+        "apt-get install chromium to run the browser tests",
+        allow_module_level=True,
+    )
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def studio_url(tmp_path_factory: pytest.TempPathFactory):
+    """`python app.py --tiny` on a free port, stopped after the module's tests."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("browser") / "server.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    with open(log, "w") as output:
+        server = subprocess.Popen(
+            [sys.executable, "app.py", "--tiny", "--port", str(port)],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"the studio exited early:\n{log.read_text()}")
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the studio did not answer within 120 s:\n{log.read_text()}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+@pytest.fixture
+def page(studio_url: str):
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(studio_url)
+            page.wait_for_selector("#layout-editor canvas")
+            yield page
+        finally:
+            browser.close()
+
+
+def pick_swatch(page, rgb: tuple[int, int, int]) -> None:
+    """Choose a brush colour from the editor's fixed swatches, then back to the brush."""
+    page.locator("#layout-editor button[aria-label='Color']").click()
+    red, green, blue = rgb
+    swatch = page.locator(f"#layout-editor button.color[style*='rgb({red}, {green}, {blue})']")
+    swatch.click()
+    # The swatch panel stays open over the canvas until another tool is chosen.
+    page.locator("#layout-editor button[aria-label='Brush']").click()
+    swatch.wait_for(state="hidden")
+
+
+def drag(page, box: dict, points: list[tuple[float, float]]) -> None:
+    """A mouse stroke through points given as fractions of the canvas box."""
+    to_page = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in points]
+    page.mouse.move(*to_page[0])
+    page.mouse.down()
+    for x, y in to_page[1:]:
+        page.mouse.move(x, y, steps=12)
+    page.mouse.up()
+
+
+def set_size(page, width: int, height: int) -> None:
+    page.fill("input[aria-label='Width (px)']", str(width))
+    page.fill("input[aria-label='Height (px)']", str(height))
+    page.keyboard.press("Tab")
+
+
+# Records, inside the page, each new preview image shown while the status reads as running,
+# so a test loop slowed down by a busy machine misses none; with stopAfter it also presses Stop
+# once that many previews were shown.
+WATCH_PREVIEWS = """(stopAfter) => {
+  window.studioPreviews = [];
+  const before = document.querySelector('#preview img')?.src;
+  const seen = new Set(before ? [before] : []);
+  window.studioWatcher?.disconnect();
+  window.studioWatcher = new MutationObserver(() => {
+    const source = document.querySelector('#preview img')?.src;
+    const status = document.querySelector('#status')?.innerText || '';
+    if (source && !seen.has(source) && /row [0-9]+ [/] [0-9]+/.test(status)) {
+      seen.add(source);
+      window.studioPreviews.push(source);
+      if (window.studioPreviews.length === stopAfter) {
+        document.querySelector('#stop').click();
+      }
+    }
+  });
+  window.studioWatcher.observe(document.body, {subtree: true, childList: true,
+                                               attributes: true, characterData: true});
+}"""
+
+
+def wait_for_status(page, text: str) -> None:
+    page.wait_for_function(
+        f"document.querySelector('#status').innerText.includes({text!r})", timeout=TIMEOUT_MS
+    )
+
+
+def previews_seen(page) -> int:
+    return page.evaluate("window.studioPreviews.length")
+
+
+def condition_ids(page, base_url: str) -> set[int]:
+    """The palette ids in the condition PNG offered for download."""
+    link = page.locator("#downloads a[href*='condition']").first
+    link.wait_for()
+    href = link.get_attribute("href")
+    url = href if href.startswith("http") else base_url.rstrip("/") + href
+    image = Image.open(io.BytesIO(httpx.get(url, timeout=30).content))
+    return set(np.unique(np.asarray(image)).tolist())
+
+
+def test_paint_generate_stop_and_generate_again(page, studio_url: str):
+    canvas_box = page.locator("#layout-editor canvas").first.bounding_box()
+    # The drawing sits in the middle of the canvas element; stay inside its central part.
+    pick_swatch(page, SKY)
+    drag(page, canvas_box, [(0.35, 0.32), (0.65, 0.32), (0.65, 0.38), (0.35, 0.38)])
+    pick_swatch(page, TREE)
+    drag(page, canvas_box, [(0.35, 0.62), (0.65, 0.62), (0.65, 0.68), (0.35, 0.68)])
+
+    # A long run (64×64 tokens): the preview must change while it runs; Stop after 3 previews.
+    set_size(page, 1024, 1024)
+    page.evaluate(WATCH_PREVIEWS, 3)
+    page.click("#generate")
+    wait_for_status(page, "stopped early")
+    assert previews_seen(page) >= 3
+
+    # The app is ready again: a shorter run goes to the end.
+    set_size(page, 512, 512)
+    page.evaluate(WATCH_PREVIEWS, 0)
+    page.click("#generate")
+    wait_for_status(page, "done")
+    assert previews_seen(page) >= 2, "the preview did not change while sampling"
+    assert {1, 2} <= condition_ids(page, studio_url)  # sky and tree reached the model
+    assert page.locator("#gallery img").count() >= 2  # the stopped run and the finished one

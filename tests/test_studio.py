@@ -1,0 +1,368 @@
+"""The studio: canvases to conditions, settings inside PNGs, and the app driven by gradio_client.
+
+The app tests start `python app.py --tiny` on a free port once for the module and talk to it
+as any API user would.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from core.palette import FREE_ID, Palette
+from studio import canvas
+from studio.metadata import MetadataError, read_metadata, save_png
+from studio.runs import StopSwitches, in_own_thread, write_timelapse
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SKY, TREE, WATER = (135, 206, 235), (34, 139, 34), (30, 144, 255)
+
+
+def painted_canvas(size: int = 64, supersample: int = 4) -> np.ndarray:
+    """An ImageEditor-like RGBA composite: transparent paper, soft-edged strokes of 3 classes."""
+    big = Image.new("RGBA", (size * supersample, size * supersample), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(big)
+    s = supersample
+    draw.rectangle([0, 0, size * s, 20 * s], fill=(*SKY, 255))
+    draw.ellipse([8 * s, 14 * s, 30 * s, 40 * s], fill=(*TREE, 255))
+    draw.line([(0, 50 * s), (size * s, 46 * s)], fill=(*WATER, 255), width=6 * s)
+    # Downsampling blends neighbouring strokes and the transparent paper, as a browser's
+    # anti-aliased brush does.
+    return np.asarray(big.resize((size, size), Image.Resampling.LANCZOS))
+
+
+def editor_value(composite: np.ndarray) -> dict:
+    return {"background": None, "layers": [composite], "composite": composite}
+
+
+# --- canvases ------------------------------------------------------------------------------
+
+
+def test_anti_aliased_canvas_becomes_only_palette_ids_and_free():
+    composite = painted_canvas()
+    palette_colours = {*Palette.default().colours}
+    opaque = composite[composite[..., 3] == 255][:, :3]
+    blended = {tuple(int(c) for c in pixel) for pixel in opaque} - palette_colours
+    assert blended, "the test canvas should hold blended edge colours"
+    assert ((composite[..., 3] > 0) & (composite[..., 3] < 255)).any()
+
+    ids = canvas.layout_from_canvas(editor_value(composite), Palette.default())
+
+    assert ids.shape == (64, 64)
+    assert set(np.unique(ids)) <= {1, 2, 7, FREE_ID}  # sky, tree, water, free
+    assert ids[5, 40] == 1  # inside the sky band
+    assert ids[27, 19] == 2  # inside the tree
+    assert ids[48, 32] == 7  # on the water line
+    assert ids[60, 60] == FREE_ID  # unpainted paper
+
+
+def test_empty_canvas_asks_the_user_to_paint():
+    empty = np.zeros((32, 32, 4), dtype=np.uint8)
+    with pytest.raises(canvas.CanvasError, match="canvas is empty"):
+        canvas.layout_from_canvas(editor_value(empty), Palette.default())
+
+
+def test_layout_of_only_unknown_is_refused():
+    unknown = np.zeros((32, 32, 4), dtype=np.uint8)
+    unknown[..., 3] = 255  # opaque black = the "unknown" class
+    with pytest.raises(ValueError, match="no known class"):
+        canvas.layout_from_canvas(editor_value(unknown), Palette.default())
+
+
+def test_size_over_the_limit_names_the_limit():
+    with pytest.raises(canvas.CanvasError, match="between 16 and 2048"):
+        canvas.check_size(4096, 512, max_side=2048)
+    assert canvas.check_size(1280.0, 832.0, max_side=2048) == (1280, 832)
+
+
+def test_layout_canvas_shows_free_as_transparent():
+    ids = np.array([[1, FREE_ID], [2, 2]])
+    value = canvas.layout_canvas(ids, Palette.default())
+    assert value["background"][0, 1, 3] == 0
+    assert tuple(value["background"][0, 0]) == (*SKY, 255)
+
+
+def test_non_image_upload_is_refused(tmp_path: Path):
+    text = tmp_path / "notes.png"
+    text.write_text("not a picture")
+    with pytest.raises(canvas.CanvasError, match="not an image"):
+        canvas.read_layout_upload(text, Palette.default())
+
+
+def test_mask_is_what_was_painted_over_the_result():
+    layer = np.zeros((32, 48, 4), dtype=np.uint8)
+    layer[4:10, 6:20] = (255, 48, 64, 150)
+    mask = canvas.mask_from_canvas({"background": None, "layers": [layer]}, (32, 48))
+    assert mask.sum() == 6 * 14
+    assert mask[5, 10] and not mask[20, 30]
+
+
+# --- settings in PNGs ----------------------------------------------------------------------
+
+
+def test_settings_survive_a_png_round_trip(tmp_path: Path):
+    settings = {
+        "mode": "layout",
+        "width": 1024,
+        "height": 576,
+        "scene": None,
+        "superres_factor": 4,
+        "seed": 1234,
+        "temperature": 0.9,
+        "top_k": 100,
+        "top_p": None,
+        "window": None,
+        "num_samples": 2,
+    }
+    image = np.zeros((8, 8, 3), dtype=np.uint8)
+    path = save_png(image, tmp_path / "result.png", settings, "landscape-v1", sample=1)
+
+    document = read_metadata(path)
+
+    assert document["request"] == settings
+    assert document["model"] == "landscape-v1"
+    assert document["sample"] == 1
+    assert Image.open(path).info  # a plain tEXt chunk other tools can read
+
+
+def test_png_without_settings_is_refused(tmp_path: Path):
+    path = tmp_path / "photo.png"
+    Image.new("RGB", (4, 4)).save(path)
+    with pytest.raises(MetadataError, match="carries no studio settings"):
+        read_metadata(path)
+
+
+def test_timelapse_has_a_frame_per_row_and_holds_the_final(tmp_path: Path):
+    frames = [np.full((32, 48, 3), value, dtype=np.uint8) for value in (0, 80, 160)]
+    final = np.full((32, 48, 3), 255, dtype=np.uint8)
+    gif = Image.open(write_timelapse(frames, final, tmp_path / "t.gif"))
+    assert gif.n_frames == 4
+    assert gif.size == (48, 32)
+
+
+# --- stopping ------------------------------------------------------------------------------
+
+
+def test_a_stop_reaches_only_the_sessions_current_run():
+    switches = StopSwitches()
+    first = switches.start("alice")
+    other = switches.start("bob")
+    second = switches.start("alice")  # a new run: the earlier event is no longer the one
+    assert switches.stop("alice")
+    assert second.is_set() and not first.is_set() and not other.is_set()
+    switches.finish("alice", second)
+    assert not switches.stop("alice")  # nothing running any more
+
+
+def test_sampling_thread_stops_when_the_page_leaves():
+    stop = threading.Event()
+
+    def endless():
+        while not stop.is_set():
+            time.sleep(0.01)
+            yield 1
+
+    stream = in_own_thread(endless, stop)
+    next(stream)
+    stream.close()
+    assert stop.is_set()
+
+
+# --- the command line ----------------------------------------------------------------------
+
+
+def run_app(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "app.py", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_help_answers_without_loading_models():
+    started = time.monotonic()
+    done = run_app("--help", timeout=30)
+    assert done.returncode == 0
+    assert "--tiny" in done.stdout and "--checkpoints" in done.stdout
+    assert time.monotonic() - started < 10
+
+
+def test_missing_checkpoints_give_one_line_and_exit_code_2(tmp_path: Path):
+    done = run_app("--checkpoints", str(tmp_path / "nowhere"))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "bundle.yaml" in lines[0] and "Traceback" not in done.stderr
+
+
+# --- the app through gradio_client ---------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def studio_url(tmp_path_factory: pytest.TempPathFactory):
+    """`python app.py --tiny` on a free port, stopped after the module's tests."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("studio") / "server.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    with open(log, "w") as output:
+        server = subprocess.Popen(
+            [sys.executable, "app.py", "--tiny", "--port", str(port)],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"the studio exited early:\n{log.read_text()}")
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the studio did not answer within 120 s:\n{log.read_text()}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+@pytest.fixture
+def client(studio_url: str):
+    from gradio_client import Client
+
+    return Client(studio_url, verbose=False)
+
+
+def layout_file(tmp_path: Path, size: int) -> Path:
+    """A palette-coloured layout: sky above, trees below, the middle left free."""
+    rgba = np.zeros((size, size, 4), dtype=np.uint8)
+    rgba[: size // 2] = (*SKY, 255)
+    rgba[size * 3 // 4 :] = (*TREE, 255)
+    path = tmp_path / "layout.png"
+    Image.fromarray(rgba).save(path)
+    return path
+
+
+def generate_args(canvas_path: Path | None, size: int, seed: int = 7) -> list:
+    from gradio_client import handle_file
+
+    layout = None
+    if canvas_path is not None:
+        layout = {
+            "background": handle_file(str(canvas_path)),
+            "layers": [],
+            "composite": handle_file(str(canvas_path)),
+        }
+    # mode, layout, sketch, depth, photo, superres_factor, scene, width, height,
+    # seed, temperature, top_k, top_p, window, num_samples
+    return ["layout", layout, None, None, None, 4, "any", size, size, seed, 1.0, 100, 1.0, 0, 1]
+
+
+def test_generate_streams_previews_and_the_png_restores_its_settings(client, tmp_path: Path):
+    from gradio_client import handle_file
+
+    job = client.submit(*generate_args(layout_file(tmp_path, 128), 128), api_name="/generate")
+    preview, status, gallery, downloads, _ = job.result(timeout=180)
+
+    # outputs: preview, status, gallery, downloads, mask canvas (session state is not sent)
+    streamed = [out for out in job.outputs() if isinstance(out[0], str) and "row" in out[1]]
+    assert len(streamed) >= 2
+    assert "done" in status
+    result_png, condition_png = downloads
+    assert Image.open(result_png).size == (128, 128)
+    assert Image.open(condition_png).mode == "P"  # the layout as palette ids
+
+    document = read_metadata(result_png)
+    assert document["request"]["seed"] == 7
+    assert document["model"] == "tiny-untrained"
+
+    restored = client.predict(handle_file(result_png), api_name="/restore")
+    # mode, width, height, scene, superres_factor, seed, temperature, top_k, top_p, window,
+    # num_samples, status
+    assert restored[:11] == ("layout", 128, 128, "any", 4, 7, 1.0, 100, 1.0, 0, 1)
+
+
+def test_empty_canvas_gives_the_user_a_message(client):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="canvas is empty"):
+        client.predict(*generate_args(None, 128), api_name="/generate")
+
+
+def test_restore_refuses_a_png_without_settings(client, tmp_path: Path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    with pytest.raises(AppError, match="carries no studio settings"):
+        client.predict(handle_file(str(plain)), api_name="/restore")
+
+
+def test_stop_ends_a_run_early_and_keeps_its_rows(client, tmp_path: Path):
+    job = client.submit(*generate_args(layout_file(tmp_path, 64), 1024), api_name="/generate")
+    deadline = time.monotonic() + 120
+    while sum("row" in str(out[1]) for out in job.outputs()) < 2:
+        assert time.monotonic() < deadline and not job.done(), "no previews arrived"
+        time.sleep(0.1)
+
+    stopped_at = time.monotonic()
+    assert "Stopping" in client.predict(api_name="/stop")
+    _, status, _, downloads, _ = job.result(timeout=60)
+
+    assert "stopped early" in status
+    assert time.monotonic() - stopped_at < 15  # the sampler halts at once; decoding takes a bit
+    assert read_metadata(downloads[0])["stopped"] is True
+
+
+def test_resample_extend_and_timelapse_work_on_the_latest_result(client, tmp_path: Path):
+    from gradio_client import handle_file
+
+    client.predict(*generate_args(layout_file(tmp_path, 64), 64, seed=3), api_name="/generate")
+    mask = np.zeros((64, 64, 4), dtype=np.uint8)
+    mask[8:24, 8:40] = (255, 48, 64, 150)  # painted over the result
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    blank = handle_file(str(layout_file(tmp_path, 64)))
+    mask_canvas = {"background": blank, "layers": [handle_file(str(tmp_path / "mask.png"))]}
+    mask_canvas["composite"] = blank
+
+    # mask canvas, seed, temperature, top_k, top_p, window
+    resampled = client.predict(mask_canvas, 5, 1.0, 100, 1.0, 0, api_name="/resample")
+    assert "done" in resampled[1]
+    assert read_metadata(resampled[3][0])["kind"] == "resample"
+
+    # right, down, seed, temperature, top_k, top_p, window
+    extended = client.predict(32, 16, 5, 1.0, 100, 1.0, 0, api_name="/extend")
+    assert Image.open(extended[3][0]).size == (96, 80)
+
+    gif = Image.open(client.predict(api_name="/timelapse"))
+    assert gif.format == "GIF" and gif.n_frames >= 2
