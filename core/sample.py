@@ -10,18 +10,18 @@ python -m core.sample --scene lake --size 1024x576
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
 from core.checkpoint import CheckpointError
 from core.conditions import ConditionError, load_depth
 from core.data import DataError, load_rgb
+from core.metadata import request_settings, save_png
 from core.palette import LayoutError, load_label_map
 from core.pipeline import GenerateRequest, InputError, Pipeline, Preview
 
@@ -78,12 +78,6 @@ def read_condition(args) -> tuple[str, np.ndarray | None]:
     return "free", None
 
 
-def save_png(image: np.ndarray, path: Path, settings: dict) -> None:
-    info = PngImagePlugin.PngInfo()
-    info.add_text("landscape-studio", json.dumps(settings))
-    Image.fromarray(image).save(path, pnginfo=info)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -127,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(result.images):
         path = out / f"{mode}-seed{args.seed}-{index}.png"
-        save_png(image, path, {**result.settings, "sample": index})
+        save_png(image, path, request_settings(request), pipeline.name, sample=index)
         print(path)
     logger.info("%d image(s) in %.1f s", len(result.images), result.seconds)
     return 0

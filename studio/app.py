@@ -21,10 +21,10 @@ import gradio as gr
 import numpy as np
 
 from core.conditions import ConditionError
+from core.metadata import MetadataError, read_metadata
 from core.palette import LayoutError, Palette, flood_fill, ids_to_rgb
 from core.pipeline import GenerateRequest, InputError, Pipeline, Preview, Result
 from studio import canvas
-from studio.metadata import MetadataError, read_metadata
 from studio.runs import (
     Run,
     StopSwitches,

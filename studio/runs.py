@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from core.metadata import request_settings, save_png
 from core.palette import Palette, label_map_image
-from studio.metadata import request_settings, save_png
 
 __all__ = [
     "Run",

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from core.metadata import MetadataError, read_metadata, save_png
 from core.palette import FREE_ID, Palette
 from studio import canvas
-from studio.metadata import MetadataError, read_metadata, save_png
 from studio.runs import StopSwitches, in_own_thread, write_timelapse
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

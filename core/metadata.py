@@ -1,4 +1,5 @@
-"""Settings carried inside the studio's PNGs, so an image tells how to make it again.
+"""Settings carried inside result PNGs (studio and `core.sample`), so an image tells how to
+make it again.
 
 A result PNG holds one tEXt chunk, keyword `landscape-studio`, whose text is JSON: the request
 (mode, size, seed, sampling options), the model name, the sample index and the pipeline's own
