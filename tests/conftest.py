@@ -7,10 +7,15 @@ here and in any subprocess a test starts (they inherit OMP_NUM_THREADS).
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported anywhere
 
+import httpx
 import pytest
 import torch
 
@@ -54,3 +59,46 @@ def tiny_vqgan_config() -> VQGANConfig:
         code_dim=4,
         z_channels=8,
     )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def studio_url(tmp_path_factory: pytest.TempPathFactory):
+    """`python app.py --tiny` on a free port, stopped after the module's tests."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("studio") / "server.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    with open(log, "w") as output:
+        server = subprocess.Popen(
+            [sys.executable, "app.py", "--tiny", "--port", str(port)],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"the studio exited early:\n{log.read_text()}")
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the studio did not answer within 120 s:\n{log.read_text()}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
