@@ -17,7 +17,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from core.conditions import canny_edges, estimate_depth_from_layout
+from core.conditions import (
+    canny_edges,
+    estimate_depth_from_layout,
+    load_depth,
+    load_human_edges,
+)
 from core.data import (
     DataError,
     Record,
@@ -86,8 +91,10 @@ class ConditionBatches:
     """Aligned random crops of condition maps for a condition stage's training.
 
     Layouts come from the records' label maps (ground truth where the data has it, pseudo
-    labels otherwise) with random regions set free; edges are Canny edges of the photo crop with
-    light random thresholds; depth is estimated from the whole label map, then cropped.
+    labels otherwise) with random regions set free; edges are the record's own edge map where
+    it has one (data.edges), else Canny edges of the photo crop with light random thresholds;
+    depth is the record's own depth map where it has one (data.depth), else estimated from the
+    whole label map, then cropped.
     """
 
     def __init__(
@@ -99,21 +106,37 @@ class ConditionBatches:
         self.crop = crop
         self.seed = seed
         self.palette = palette
-        usable = [r for r in records if r.label is not None] if kind != "edges" else records
+        if kind == "depth":  # a given depth map, else one estimated from the label map
+            usable = [r for r in records if r.depth is not None or r.label is not None]
+        elif kind == "layout":
+            usable = [r for r in records if r.label is not None]
+        else:
+            usable = records
         if not usable:
-            raise DataError(f"the {kind} stage needs label maps; none of the photos has one")
+            raise DataError(
+                f"the {kind} stage needs label maps{' or depth maps' if kind == 'depth' else ''}"
+                "; none of the photos has one (data.labels=FOLDER names them)"
+            )
         self.images, self.records = load_photos(usable, crop, 256)
         self.maps = None
-        if kind != "edges":
+        if kind != "edges" or any(r.edges is not None for r in self.records):
             pairs = list(zip(self.records, self.images, strict=True))
             self.maps = [
                 self._map_for(record, image)
                 for record, image in tqdm(pairs, desc=f"{kind} maps", unit="map")
             ]
 
-    def _map_for(self, record: Record, image: np.ndarray) -> np.ndarray:
-        ids = load_label_map(record.label, self.palette)
+    def _map_for(self, record: Record, image: np.ndarray) -> np.ndarray | None:
+        """The record's own map at the photo's size (uint8); None where it has none."""
         h, w = image.shape[:2]
+        if self.kind == "edges" or (self.kind == "depth" and record.depth is not None):
+            path = record.edges if self.kind == "edges" else record.depth
+            if path is None:
+                return None  # edges of this photo come from Canny
+            given = load_human_edges(path) if self.kind == "edges" else load_depth(path) * 255
+            resized = Image.fromarray(np.asarray(given, dtype=np.uint8)).resize((w, h))
+            return np.asarray(resized)
+        ids = load_label_map(record.label, self.palette)
         if ids.shape != (h, w):
             ids = np.asarray(Image.fromarray(ids.astype(np.uint8)).resize((w, h), Image.NEAREST))
         if self.kind == "depth":
@@ -126,7 +149,11 @@ class ConditionBatches:
         maps = []
         for index in picks:
             crop, geometry = crop_image(self.images[index], self.crop, rng)
-            if self.kind == "edges":
+            given = self.maps[index] if self.maps is not None else None
+            if self.kind == "edges" and given is not None:  # the user's own edge map
+                edges = apply_geometry(given, geometry, Image.NEAREST)
+                maps.append(np.where(edges > 127, 255, 0).astype(np.uint8))
+            elif self.kind == "edges":
                 maps.append(canny_edges(crop, rng))
             elif self.kind == "layout":
                 ids = apply_geometry(self.maps[index], geometry, Image.NEAREST)
