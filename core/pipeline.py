@@ -12,7 +12,6 @@ token grids therefore align, and the output is cropped back to the requested siz
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -493,9 +492,6 @@ class Pipeline:
             return estimate_depth_from_layout(np.asarray(layout_ids), self.palette)
         except ConditionError as error:
             raise InputError(str(error)) from None
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256(f"{self.name}:{self.identity}".encode()).hexdigest()[:12]
 
 
 def _resize_nearest(array: np.ndarray, width: int, height: int) -> np.ndarray:

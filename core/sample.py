@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--window", type=int, default=None, help="window rows in tokens")
     parser.add_argument("--samples", type=int, default=1, help="images to make at once")
     parser.add_argument("--checkpoints", default="checkpoints", help="model bundle folder")
-    parser.add_argument("--out", default="samples", help="folder for the PNGs")
+    parser.add_argument("--out", default="samples", help="folder for the PNGs (default: samples/)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     return parser
 

@@ -560,19 +560,36 @@ class Studio:
                 )
             model = document.get("model")
             note = f" (made with model {model})" if model and model != self.pipeline.name else ""
+            name = Path(path).name
+
+            def value(key: str, kind, default=None):
+                raw = request.get(key, default)
+                try:
+                    return kind(raw if raw is not None else default)
+                except (TypeError, ValueError):
+                    raise MetadataError(
+                        f"{name}: the setting {key!r} holds {raw!r}, which is not a usable value."
+                    ) from None
+
+            width, height = value("width", int), value("height", int)
+            low, high = self.pipeline.factor, self.pipeline.max_side
+            if not (low <= width <= high and low <= height <= high):
+                raise MetadataError(
+                    f"{name}: its size {width} × {height} is outside {low}–{high} px a side."
+                )
             return (
                 mode,
                 gr.Tabs(selected=mode),
-                int(request["width"]),
-                int(request["height"]),
+                width,
+                height,
                 request.get("scene") or ANY_SCENE,
-                int(request.get("superres_factor") or 4),
-                int(request["seed"]),
-                float(request.get("temperature", 1.0)),
-                int(request.get("top_k") or 0),
-                float(request.get("top_p") or 1.0),
-                int(request.get("window") or 0),
-                int(request.get("num_samples") or 1),
+                value("superres_factor", int, 4) or 4,
+                value("seed", int),
+                value("temperature", float, 1.0),
+                value("top_k", int, 0),
+                value("top_p", float, 1.0) or 1.0,
+                value("window", int, 0),
+                value("num_samples", int, 1) or 1,
                 f"Restored the settings of {Path(path).name}{note}.",
             )
 

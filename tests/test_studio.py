@@ -321,3 +321,16 @@ def test_resample_extend_and_timelapse_work_on_the_latest_result(client, tmp_pat
 
     gif = Image.open(client.predict(api_name="/timelapse"))
     assert gif.format == "GIF" and gif.n_frames >= 2
+
+
+def test_restore_names_a_setting_with_an_unusable_value(client, tmp_path: Path):
+    from gradio_client import handle_file
+
+    path = save_png(
+        np.zeros((16, 16, 3), np.uint8),
+        tmp_path / "odd.png",
+        {"mode": "layout", "width": 512, "height": 512, "seed": "abc"},
+        "tiny",
+    )
+    with pytest.raises(Exception, match="'seed' holds 'abc'"):
+        client.predict(handle_file(str(path)), api_name="/restore")
