@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
@@ -158,7 +158,6 @@ def load_photos(
     records: list[Record], min_side: int, max_short_side: int, progress: bool = True
 ) -> tuple[list[np.ndarray], list[Record]]:
     """Read the photos into memory; unreadable or too-small ones are skipped with a warning."""
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
     images, kept = [], []
     for record in tqdm(records, desc="reading photos", disable=not progress, unit="img"):
         try:

@@ -30,7 +30,7 @@ from core.config import ConfigError
 from core.data import DataError, load_rgb, read_index, to_tensor, to_uint8
 from core.losses import PerceptualDistance, PerceptualWeightsError
 from core.models import vqgan_from_checkpoint
-from core.report import REPORT_ERRORS, add_bundle_command
+from core.report import REPORT_ERRORS, add_bundle_command, psnr
 from core.vqgan import CodeUsage
 
 logger = logging.getLogger(__name__)
@@ -89,12 +89,6 @@ def evaluation_photos(index: str, split: str, size: int, limit: int | None) -> t
 
 
 # ----------------------------------------------------------------------------- measures
-
-
-def psnr(reference: np.ndarray, test: np.ndarray) -> float:
-    """PSNR in dB of two 8-bit images."""
-    error = np.mean((reference.astype(np.float64) - test.astype(np.float64)) ** 2)
-    return float("inf") if error == 0 else float(10 * math.log10(255.0**2 / error))
 
 
 def bicubic_from_thumbnail(image: np.ndarray, factor: int) -> np.ndarray:

@@ -165,10 +165,8 @@ class Tokeniser:
     def encode(self, prepared: list[dict]) -> list[TokenGrids]:
         """Token grids of prepared photos that share one size, encoded in batches."""
         vocabulary = self.vocabulary
-        grids = [TokenGrids(np.zeros(0), {}, p["scene"]) for p in prepared]
         codes = self._encode(self.image_model, to_tensor([p["image"] for p in prepared]))
-        for grid, image_codes in zip(grids, codes, strict=True):
-            grid.image = image_codes
+        grids = [TokenGrids(c, {}, p["scene"]) for c, p in zip(codes, prepared, strict=True)]
         for task in (*SPATIAL_TASKS, *SUPERRES_TASKS):
             members = [k for k, p in enumerate(prepared) if task in p["maps"]]
             if not members:
