@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 
-STAGES = ("vqgan", "condition", "transformer", "bundle")
+STAGES = ("vqgan", "condition", "cells", "transformer", "bundle")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

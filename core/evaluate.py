@@ -29,7 +29,7 @@ from core.checkpoint import CheckpointError, load_checkpoint
 from core.config import ConfigError
 from core.data import DataError, load_rgb, read_index, to_tensor, to_uint8
 from core.losses import PerceptualDistance, PerceptualWeightsError
-from core.models import vqgan_from_checkpoint
+from core.models import stage_from_checkpoint, vqgan_from_checkpoint
 from core.report import REPORT_ERRORS, add_bundle_command, psnr
 from core.vqgan import CodeUsage
 
@@ -241,12 +241,12 @@ def evaluate_condition(args: argparse.Namespace) -> dict:
     from core.palette import Palette, load_label_map
 
     checkpoint = load_checkpoint(args.checkpoint)
-    kind = checkpoint.kind.removeprefix("vqgan:")
+    kind = checkpoint.kind.partition(":")[2]
     if kind not in ("layout", "edges", "depth"):
         raise EvaluationError(
             f"{args.checkpoint} is a '{checkpoint.kind}' model, not a condition stage"
         )
-    model, palette = vqgan_from_checkpoint(checkpoint), Palette.default()
+    model, palette = stage_from_checkpoint(checkpoint), Palette.default()
     records = read_index(args.index, args.split)
     if kind == "edges" and args.human_edges:
         records = [r for r in read_index(args.index, "val") + read_index(args.index, "test")

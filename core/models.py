@@ -14,6 +14,8 @@ from pathlib import Path
 
 from core.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_state_strict
 from core.config import ConfigError, config_from_dict
+from core.layout_cells import KIND as CELLS_KIND
+from core.layout_cells import CellsConfig, LayoutCells
 from core.transformer import GPT, GPTConfig
 from core.vqgan import VQGAN, VQGANConfig
 
@@ -43,6 +45,35 @@ def load_vqgan(folder: str | Path, kind: str | None = None) -> tuple[VQGAN, str]
     """A VQGAN (image or condition stage) from its checkpoint folder, in eval mode; and its hash."""
     checkpoint = load_checkpoint(folder, f"vqgan:{kind}" if kind else None)
     return vqgan_from_checkpoint(checkpoint), checkpoint.weights_sha256
+
+
+def stage_from_checkpoint(checkpoint: Checkpoint) -> VQGAN | LayoutCells:
+    """A condition stage in eval mode: a VQGAN, or the untrained layout cells."""
+    if checkpoint.kind != CELLS_KIND:
+        return vqgan_from_checkpoint(checkpoint)
+    source = str(checkpoint.folder)
+    try:
+        config = config_from_dict(CellsConfig, checkpoint.model, f"{source}/config.yaml")
+        model = LayoutCells(config)
+    except (ConfigError, ValueError) as error:
+        raise CheckpointError(f"{source}: {error}") from None
+    load_state_strict(model, checkpoint.state, source)
+    return model.eval()
+
+
+def load_stage(folder: str | Path, role: str) -> tuple[VQGAN | LayoutCells, str]:
+    """The condition stage for `role` (layout, edges, depth) from its folder; and its hash.
+
+    A layout may be a trained VQGAN (`vqgan:layout`) or the cell grid (`cells:layout`).
+    """
+    checkpoint = load_checkpoint(folder)
+    allowed = [f"vqgan:{role}"] + ([CELLS_KIND] if role == "layout" else [])
+    if checkpoint.kind not in allowed:
+        raise CheckpointError(
+            f"{folder} holds a '{checkpoint.kind}' model; a {role} stage must be "
+            f"{' or '.join(allowed)}"
+        )
+    return stage_from_checkpoint(checkpoint), checkpoint.weights_sha256
 
 
 @dataclass

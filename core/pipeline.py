@@ -32,7 +32,15 @@ from core.conditions import (
     upsample_bicubic,
 )
 from core.data import to_tensor, to_uint8
-from core.models import SCENES, SUPERRES_TASKS, Vocabulary, load_transformer, load_vqgan
+from core.layout_cells import LayoutCells
+from core.models import (
+    SCENES,
+    SUPERRES_TASKS,
+    Vocabulary,
+    load_stage,
+    load_transformer,
+    load_vqgan,
+)
 from core.palette import LayoutError, Palette, check_layout
 from core.sampler import Condition, SamplingOptions, grid_for_pixels, sample
 from core.transformer import GPT, GPTConfig
@@ -106,7 +114,7 @@ class Pipeline:
         self,
         name: str,
         image_model: VQGAN,
-        stages: dict[str, VQGAN],
+        stages: dict[str, VQGAN | LayoutCells],
         transformer: GPT,
         vocabulary: Vocabulary,
         palette: Palette,
@@ -154,7 +162,7 @@ class Pipeline:
                     "are not in this bundle; use the stage folders it was trained with"
                 )
             if role in STAGE_ROLES:
-                stages[role], _ = load_vqgan(folder / manifest[role]["folder"], role)
+                stages[role], _ = load_stage(folder / manifest[role]["folder"], role)
         extra = transformer.extra
         palette = Palette.default()
         if "palette" in extra:

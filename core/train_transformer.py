@@ -28,7 +28,15 @@ from core.condition_stages import condition_input
 from core.conditions import canny_edges, downsample, estimate_depth_from_layout, upsample_bicubic
 from core.config import ConfigError, config_to_yaml
 from core.data import DataError, Record, load_rgb, step_generator, to_tensor
-from core.models import SCENES, SPATIAL_TASKS, SUPERRES_TASKS, TASKS, Vocabulary, load_vqgan
+from core.models import (
+    SCENES,
+    SPATIAL_TASKS,
+    SUPERRES_TASKS,
+    TASKS,
+    Vocabulary,
+    load_stage,
+    load_vqgan,
+)
 from core.palette import Palette, load_label_map, random_free_regions
 from core.training import (
     DataConfig,
@@ -62,6 +70,7 @@ class TransformerTrainConfig:
     token_height: int = 160  # photos are resized to this height (px) before tokenising
     max_aspect: float = 2.0  # wider photos are centre-cropped to this width / height
     superres_share: float = 0.5  # share of photos also tokenised as ×4 / ×8 thumbnails
+    mirror: bool = True  # also tokenise each training photo mirrored left-right (twice the data)
     lr: float = 5e-4
     weight_decay: float = 0.01
     warmup: int = 200
@@ -93,7 +102,7 @@ class Tokeniser:
         for task in SPATIAL_TASKS:
             folder = getattr(stages, task)
             if task in tasks and folder:
-                model, sha = load_vqgan(folder, task)
+                model, sha = load_stage(folder, task)
                 if model.factor != self.factor:
                     raise ConfigError(
                         f"config key 'stages.{task}': its f = {model.factor} differs from the "
@@ -111,7 +120,8 @@ class Tokeniser:
     def cache_key(self, config: TransformerTrainConfig, split: str) -> str:
         text = json.dumps(
             [self.hashes, self.tasks, config.token_height, config.max_aspect, split,
-             config.superres_share, config.data.min_nature_share, config.data.folder],
+             config.superres_share, config.data.min_nature_share, config.data.folder,
+             config.mirror and split == "train"],
             sort_keys=True,
         )  # fmt: skip
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -129,18 +139,27 @@ class Tokeniser:
     @torch.no_grad()
     def _encode(self, model, inputs: torch.Tensor) -> np.ndarray:
         """Indices B, h, w as int16; a batch of same-sized inputs at once."""
-        return model.encode(inputs).indices.cpu().numpy().astype(np.int16)
+        return model.encode_indices(inputs).cpu().numpy().astype(np.int16)
 
     def prepare(
-        self, record: Record, config: TransformerTrainConfig, rng: np.random.Generator
+        self,
+        record: Record,
+        config: TransformerTrainConfig,
+        rng: np.random.Generator,
+        mirror: bool = False,
     ) -> dict | None:
-        """The photo at token height and its condition maps, ready to encode (None: too small)."""
+        """The photo at token height and its condition maps, ready to encode (None: too small).
+
+        `mirror` flips the photo (and its label map) left-right before the maps are derived.
+        """
         image = load_rgb(record.photo)
         if image.shape[0] < config.token_height:
             return None
         original_shape = image.shape[:2]
         fit = (config.token_height, config.max_aspect)
         image = self._resized(image, *fit, Image.LANCZOS)
+        if mirror:
+            image = np.ascontiguousarray(image[:, ::-1])
         h, w = image.shape[:2]
         ids = None
         if record.label is not None and {"layout", "depth"} & set(self.stage_models):
@@ -149,6 +168,8 @@ class Tokeniser:
                 size = (original_shape[1], original_shape[0])
                 full = np.asarray(Image.fromarray(full).resize(size, Image.NEAREST))
             ids = self._resized(full, *fit, Image.NEAREST)
+            if mirror:
+                ids = np.ascontiguousarray(ids[:, ::-1])
         maps = {"edges": canny_edges(image, rng)}
         if ids is not None:
             maps["layout"] = random_free_regions(ids, rng, self.palette)
@@ -220,14 +241,16 @@ def tokenise_split(
         ]
     rng = np.random.default_rng([config.run.seed, 7])
     prepared = []
+    mirrors = (False, True) if config.mirror and split == "train" else (False,)
     for record in tqdm(records, desc=f"preparing {split}", unit="photo"):
-        try:
-            item = tokeniser.prepare(record, config, rng)
-        except DataError as error:
-            logger.warning("skipping %s", error)
-            continue
-        if item is not None:
-            prepared.append(item)
+        for mirror in mirrors:
+            try:
+                item = tokeniser.prepare(record, config, rng, mirror)
+            except DataError as error:
+                logger.warning("skipping %s", error)
+                break
+            if item is not None:
+                prepared.append(item)
     grids = _encode_by_size(tokeniser, prepared, batch=16)
     if not grids:
         raise DataError(f"no photo of the {split} split is {config.token_height} px tall or more")
