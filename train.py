@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from core.checkpoint import CheckpointError
     from core.config import ConfigError
     from core.data import DataError
     from core.stages import run_stage
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run_stage(args.stage, args.config, args.overrides, args.resume)
-    except (ConfigError, DataError, TrainingError) as error:
+    except (CheckpointError, ConfigError, DataError, TrainingError) as error:
         logging.getLogger("train").error("%s", error)
         return 2
     except KeyboardInterrupt:

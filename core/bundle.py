@@ -15,6 +15,7 @@ from core.checkpoint import (
     CheckpointError,
     load_checkpoint,
     save_checkpoint,
+    tokens_sha256,
     write_manifest,
 )
 
@@ -37,6 +38,9 @@ class BundleConfig:
     out: str = "checkpoints"
     name: str = "landscape"
     half: bool = True  # store weights as fp16 (half the size; loads back into fp32 models)
+    # Another image VQGAN than the one the transformer was trained with: it must make the same
+    # tokens (a decoder-only fine-tune of it, `train.py vqgan init=... decoder_only=true`).
+    image: str = ""
 
 
 def _copy_model(source: Path, target: Path, half: bool, notes: str) -> str:
@@ -64,16 +68,16 @@ def build_bundle(config: BundleConfig) -> Path:
     size_note = "\nWeights stored as fp16.\n" if config.half else "\n"
     bundled_hashes = {}
     for role, sha in recorded.items():
-        source = Path(folders.get(role, ""))
+        source = Path(config.image if role == "image" and config.image else folders.get(role, ""))
         if not source.is_dir():
             raise CheckpointError(
                 f"the transformer was trained with the '{role}' stage from '{source}', which is "
                 "gone; bundle it where its stages are, or retrain the transformer"
             )
-        if load_checkpoint(source).weights_sha256 != sha:
+        if tokens_sha256(load_checkpoint(source)) != sha:
             raise CheckpointError(
-                f"{source} changed since the transformer was trained on it (hash differs); "
-                "retrain the transformer on the current stage or restore the stage"
+                f"{source} makes other tokens than the stage the transformer was trained on "
+                "(hash differs); retrain the transformer on it or restore the stage"
             )
         bundled_hashes[role] = _copy_model(source, out / role, config.half, size_note)
         logger.info("bundled %s from %s", role, source)

@@ -155,6 +155,15 @@ def load_checkpoint(folder: str | Path, kind: str | None = None) -> Checkpoint:
     return Checkpoint(folder, document["kind"], document["model"], sha, state, extra)
 
 
+def tokens_sha256(checkpoint: Checkpoint) -> str:
+    """The hash that names the tokens a stage checkpoint makes.
+
+    Its own weights' hash, or, for a decoder-only fine-tune, the hash of the checkpoint whose
+    encoder and codebook it kept unchanged (recorded in `extra` as `tokens_from`).
+    """
+    return checkpoint.extra.get("tokens_from") or checkpoint.weights_sha256
+
+
 def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Copy `state` into `module`; any missing, unexpected or mis-shaped tensor is an error."""
     own = module.state_dict()

@@ -12,7 +12,13 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_state_strict
+from core.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    load_state_strict,
+    tokens_sha256,
+)
 from core.config import ConfigError, config_from_dict
 from core.layout_cells import KIND as CELLS_KIND
 from core.layout_cells import CellsConfig, LayoutCells
@@ -42,9 +48,13 @@ def vqgan_from_checkpoint(checkpoint: Checkpoint) -> VQGAN:
 
 
 def load_vqgan(folder: str | Path, kind: str | None = None) -> tuple[VQGAN, str]:
-    """A VQGAN (image or condition stage) from its checkpoint folder, in eval mode; and its hash."""
+    """A VQGAN (image or condition stage) from its folder, in eval mode; and its token hash.
+
+    The token hash (`tokens_sha256`) names the tokens it makes: a decoder-only fine-tune shares
+    it with the model it was tuned from.
+    """
     checkpoint = load_checkpoint(folder, f"vqgan:{kind}" if kind else None)
-    return vqgan_from_checkpoint(checkpoint), checkpoint.weights_sha256
+    return vqgan_from_checkpoint(checkpoint), tokens_sha256(checkpoint)
 
 
 def stage_from_checkpoint(checkpoint: Checkpoint) -> VQGAN | LayoutCells:
@@ -62,7 +72,7 @@ def stage_from_checkpoint(checkpoint: Checkpoint) -> VQGAN | LayoutCells:
 
 
 def load_stage(folder: str | Path, role: str) -> tuple[VQGAN | LayoutCells, str]:
-    """The condition stage for `role` (layout, edges, depth) from its folder; and its hash.
+    """The condition stage for `role` (layout, edges, depth) from its folder; its token hash.
 
     A layout may be a trained VQGAN (`vqgan:layout`) or the cell grid (`cells:layout`).
     """
@@ -73,7 +83,7 @@ def load_stage(folder: str | Path, role: str) -> tuple[VQGAN | LayoutCells, str]
             f"{folder} holds a '{checkpoint.kind}' model; a {role} stage must be "
             f"{' or '.join(allowed)}"
         )
-    return stage_from_checkpoint(checkpoint), checkpoint.weights_sha256
+    return stage_from_checkpoint(checkpoint), tokens_sha256(checkpoint)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from core.layout_cells import KIND as CELLS_KIND
 from core.layout_cells import CellsConfig, LayoutCells
 from core.palette import Palette
 from core.train_transformer import TransformerTrainConfig, train_transformer
-from core.train_vqgan import VQGANTrainConfig, VQGANTrainer, train_vqgan
+from core.train_vqgan import VQGANTrainConfig, VQGANTrainer, resolve_init, train_vqgan
 from core.training import DataConfig, setup_distributed
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ def run_vqgan(config_path, overrides, resume: bool):
         raise ConfigError(
             f"config key 'kind' is '{config.kind}'; expected image, {', '.join(SPATIAL_KINDS)}"
         )
+    resolve_init(config)
     ranks = setup_distributed(config.run.ddp_timeout_s)  # joined first: each rank draws its share
     records = records_for(config.data)
     if config.kind == "image":

@@ -13,8 +13,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from core.checkpoint import save_checkpoint
-from core.config import config_to_yaml
+from core.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_state_strict,
+    save_checkpoint,
+    tokens_sha256,
+)
+from core.config import ConfigError, config_from_dict, config_to_yaml
 from core.data import to_uint8
 from core.losses import PatchDiscriminator, PerceptualDistance, adaptive_gan_weight, hinge_d_loss
 from core.training import (
@@ -55,6 +61,10 @@ class VQGANTrainConfig:
     warmup: int = 200
     restart_every: int = 100  # steps between dead-code restarts (0: never)
     usage_window: int = 50  # batches over which codebook usage is counted
+    init: str = ""  # a checkpoint folder of this kind to start from (its model config is used)
+    # Train the decoder alone (with `init`): encoder and codebook stay frozen, so the tokens are
+    # those of `init` and a transformer trained on them keeps working with the better decoder.
+    decoder_only: bool = False
 
 
 class VQGANTrainer:
@@ -66,9 +76,11 @@ class VQGANTrainer:
         self.batches = batches  # object with .batch(step, size) -> (inputs, targets)
         self.model = VQGAN(config.model).to(run.device)
         self.use_gan = config.kind == "image"
-        self.model_optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=config.lr, betas=(0.5, 0.9)
-        )
+        self.tokens_from = None
+        if config.init:
+            self.tokens_from = self._start_from(config.init)
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        self.model_optimizer = torch.optim.Adam(trained, lr=config.lr, betas=(0.5, 0.9))
         if self.use_gan:
             self.perceptual = PerceptualDistance().to(run.device)
             self.discriminator = PatchDiscriminator(
@@ -84,6 +96,19 @@ class VQGANTrainer:
         self.step = 0
         self.disc_loss_history: list[float] = []
         self._last_output = None  # the generator's output the discriminator judges next
+
+    def _start_from(self, folder: str) -> str | None:
+        """Load `folder`'s weights; with decoder_only, freeze what makes the tokens.
+
+        Returns the token hash the run's checkpoints record (None unless decoder_only).
+        """
+        checkpoint = load_checkpoint(folder, f"vqgan:{self.config.kind}")
+        load_state_strict(self.model, checkpoint.state, folder)
+        if not self.config.decoder_only:
+            return None
+        for part in (self.model.encoder, self.model.quant_conv, self.model.quantizer):
+            part.requires_grad_(False)
+        return tokens_sha256(checkpoint)
 
     # ------------------------------------------------------------------ state
 
@@ -185,7 +210,8 @@ class VQGANTrainer:
         counts = torch.bincount(indices.flatten(), minlength=self.config.model.codebook_size)
         all_reduce_sum_(counts, self.run.dist)
         self.usage.history = (self.usage.history + [counts.cpu()])[-self.usage.window :]
-        if self.config.restart_every and self.step % self.config.restart_every == 0:
+        restarts = self.config.restart_every and not self.config.decoder_only  # frozen codebook
+        if restarts and self.step % self.config.restart_every == 0:
             with self.run.autocast():
                 latent = self.model.encode_latent(inputs).float()
             if self.config.model.l2_normalized:
@@ -251,8 +277,21 @@ def image_display(batch: torch.Tensor) -> np.ndarray:
     return to_uint8(batch)
 
 
+def resolve_init(config: VQGANTrainConfig) -> None:
+    """Check `init` / `decoder_only` and take the model's shape from `init` (before any data)."""
+    if config.decoder_only and not config.init:
+        raise ConfigError("decoder_only=true needs init=FOLDER: the VQGAN whose decoder to train")
+    if config.init:  # the model is the one being continued, whatever the config file says
+        try:
+            start = load_checkpoint(config.init, f"vqgan:{config.kind}")
+        except CheckpointError as error:
+            raise ConfigError(f"config key 'init': {error}") from None
+        config.model = config_from_dict(VQGANConfig, start.model, f"{config.init}/config.yaml")
+
+
 def train_vqgan(config: VQGANTrainConfig, batches, resume: bool, card_text, display=image_display):
     """Run (or resume) one stage-1 training run; returns the checkpoint folder."""
+    resolve_init(config)
     run = Run(config.run, f"vqgan:{config.kind}", config_to_yaml(config))
     trainer = VQGANTrainer(config, run, batches)
     if resume:
@@ -271,6 +310,8 @@ def train_vqgan(config: VQGANTrainConfig, batches, resume: bool, card_text, disp
         run.save_state(trainer.state())
         if run.dist.is_main:
             extra = {"step": trainer.step, "stage_kind": config.kind}
+            if trainer.tokens_from:
+                extra["tokens_from"] = trainer.tokens_from
             save_checkpoint(
                 checkpoint_folder,
                 f"vqgan:{config.kind}",
