@@ -18,6 +18,7 @@ from core.checkpoint import (
     tokens_sha256,
     write_manifest,
 )
+from core.layout_cells import KIND as CELLS_KIND
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ class BundleConfig:
 def _copy_model(source: Path, target: Path, half: bool, notes: str) -> str:
     checkpoint = load_checkpoint(source)
     card = (source / "card.md").read_text() if (source / "card.md").is_file() else ""
-    if DATA_TERMS.strip() not in card:
+    trained = checkpoint.kind != CELLS_KIND  # the cell grid learned nothing from any data
+    if trained and DATA_TERMS.strip() not in card:
         card = card.rstrip() + "\n" + notes + DATA_TERMS
     return save_checkpoint(
         target,
