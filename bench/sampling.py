@@ -67,6 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="measure ceiling, naive and cached this many times, interleaved, and report the "
         "medians (a shared machine's speed drifts by 20 %% between runs)",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="weights and KV caches of both samplers (the exactness tests run in float32)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--vqgan", type=Path, default=None, help="image VQGAN checkpoint folder: also time decoding"
@@ -85,7 +91,7 @@ def build(args: argparse.Namespace) -> tuple[GPT, Condition]:
         window_rows=args.window[0],
         window_cols=args.window[1],
     )
-    model = GPT(config).to(args.device).eval()
+    model = GPT(config).to(args.device, getattr(torch, args.dtype)).eval()
     grid_h, grid_w = args.grid
     prefix = torch.zeros(args.batch, 1, dtype=torch.long, device=args.device)
     tokens = None
@@ -202,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batch": args.batch,
         "conditional": not args.unconditional,
         "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
         "cached_tokens_per_s": args.batch / cached_s,
         "naive_tokens_per_s": args.batch / naive["wall"],
         "speedup": naive["wall"] / cached_s,  # median over the repeats
