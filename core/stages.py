@@ -58,6 +58,14 @@ def vqgan_card(config: VQGANTrainConfig, records):
                 f"sources {', '.join(sources)}",
                 f"- codebook usage (last {trainer.usage.window} batches): "
                 f"{trainer.usage.usage():.3f}, perplexity {trainer.usage.perplexity():.1f}",
+                *(
+                    [
+                        f"- decoder-only fine-tune of `{config.init}`: its encoder and codebook "
+                        "are kept bit for bit, so it makes the same tokens"
+                    ]
+                    if config.decoder_only
+                    else []
+                ),
                 "",
                 "Evaluation: see `python -m core.evaluate vqgan --checkpoint <this folder>`.",
             ]
