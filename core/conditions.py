@@ -433,3 +433,28 @@ def upsample_bicubic(image: np.ndarray | Image.Image, size: tuple[int, int]) -> 
     if pixels.ndim == 3 and resized.ndim == 2:
         resized = resized[..., None]  # cv2 drops a single channel axis
     return resized
+
+
+def back_project(
+    image_rgb: np.ndarray, small_rgb: np.ndarray, factor: int, iterations: int = 3
+) -> np.ndarray:
+    """Make an enlargement agree with the small photo it came from (iterative back-projection).
+
+    Each round shrinks the image as `downsample` does, and adds the bicubically enlarged
+    difference to the small photo: the low frequencies (colours, shapes at the small photo's
+    scale) come back to the photo's own, the detail above that scale stays the generated one.
+    image_rgb is H×W×3 uint8 with H, W = factor × small's size.
+    """
+    small = np.asarray(small_rgb)
+    height, width = np.asarray(image_rgb).shape[:2]
+    if small.shape[:2] != (height // factor, width // factor) or height % factor or width % factor:
+        raise ConditionError(
+            f"a {width}×{height} image is not ×{factor} of a {small.shape[1]}×{small.shape[0]} "
+            "photo; back-projection needs the exact enlargement"
+        )
+    target = small[..., :3].astype(np.float32)
+    result = np.asarray(image_rgb, dtype=np.float32)
+    for _ in range(iterations):
+        shrunk = downsample(result.clip(0, 255).round().astype(np.uint8), factor)
+        result = result + upsample_bicubic(target - shrunk.astype(np.float32), (width, height))
+    return result.clip(0, 255).round().astype(np.uint8)

@@ -39,6 +39,7 @@ REQUEST_FIELDS = (
     "temperature",
     "top_k",
     "top_p",
+    "guidance",
     "window",
     "num_samples",
 )

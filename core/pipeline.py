@@ -26,6 +26,7 @@ from core.checkpoint import CheckpointError, read_manifest
 from core.condition_stages import condition_input
 from core.conditions import (
     ConditionError,
+    back_project,
     depth_from_array,
     estimate_depth_from_layout,
     sketch_to_edges,
@@ -51,6 +52,8 @@ logger = logging.getLogger(__name__)
 MODES = ("layout", "sketch", "depth", "superres", "free")
 MODE_TASK = {"layout": "layout", "sketch": "edges", "depth": "depth", "free": "free"}
 STAGE_ROLES = ("layout", "edges", "depth")
+# Modes with an empty condition to guide away from (depth and photos have none).
+GUIDED_TASKS = ("layout", "edges")
 DECODE_TILE = 32  # tokens per side of a decoder tile: bounded memory at any output size
 
 
@@ -70,6 +73,7 @@ class GenerateRequest:
     temperature: float = 1.0
     top_k: int | None = 100
     top_p: float | None = None
+    guidance: float = 1.0  # classifier-free guidance in layout and sketch modes (1 = none)
     window: int | None = None  # window rows in tokens; None = the model's trained window
     num_samples: int = 1
 
@@ -312,8 +316,20 @@ class Pipeline:
             model = self.stages[task]
             inputs, source = condition_input(task, padded[None], self.palette), task
         tile = 512 if max(padded.shape[:2]) > 1024 else None
-        codes = model.encode_indices(inputs, tile=tile) + self.vocabulary.offsets[source]
-        return Condition(prefix, codes.expand(batch, -1, -1).contiguous())
+        offset = self.vocabulary.offsets[source]
+        codes = model.encode_indices(inputs, tile=tile) + offset
+        unguided = None
+        if request.guidance != 1 and task in GUIDED_TASKS:
+            empty = self._empty_condition(task, padded.shape[:2])
+            unguided = model.encode_indices(empty, tile=tile) + offset
+            unguided = unguided.expand(batch, -1, -1).contiguous()
+        return Condition(prefix, codes.expand(batch, -1, -1).contiguous(), unguided)
+
+    def _empty_condition(self, task: str, shape: tuple[int, int]) -> torch.Tensor:
+        """Stage input of an unpainted layout or a blank sketch: what guidance steers from."""
+        if task == "layout":
+            return condition_input(task, np.full((1, *shape), self.palette.free_id), self.palette)
+        return condition_input(task, np.zeros((1, *shape), dtype=np.uint8), self.palette)
 
     # ------------------------------------------------------------------ sampling
 
@@ -409,12 +425,17 @@ class Pipeline:
         grid = grid_for_pixels(width, height, self.factor)
         cond_map = self.condition_map(request, grid.width, grid.height)
         condition = self.condition_tokens(request, cond_map, grid)
-        options = SamplingOptions(
-            temperature=request.temperature,
-            top_k=request.top_k or None,
-            top_p=request.top_p or None,
-            seed=request.seed,
-        )
+        guided = self._task_for(request.mode, 4) in GUIDED_TASKS
+        try:
+            options = SamplingOptions(
+                temperature=request.temperature,
+                top_k=request.top_k or None,
+                top_p=request.top_p or None,
+                seed=request.seed,
+                guidance=request.guidance if guided else 1.0,
+            )
+        except ValueError as error:
+            raise InputError(str(error)) from None
         known_t = mask_t = None
         if known is not None:
             known_t = torch.as_tensor(np.asarray(known), dtype=torch.long)
@@ -463,6 +484,13 @@ class Pipeline:
             tokens = known
         final = tokens.clone()
         images = self.decode(final, width, height)
+        extra = {}
+        if request.mode == "superres" and not stopped:
+            # the decoder alone drifts from the photo's colours; back-projection restores them
+            small = np.asarray(request.condition)[..., :3]
+            factor = request.superres_factor
+            extra["decoded"] = images  # before back-projection, for measuring what it adds
+            images = [back_project(image, small, factor) for image in images]
         frames.append(images[0])
         yield Result(
             images,
@@ -471,6 +499,7 @@ class Pipeline:
             self.settings(request, width, height),
             stopped,
             time.monotonic() - started,
+            extra,
         )
 
     @torch.no_grad()

@@ -203,6 +203,7 @@ class ImageGenerator:
         self.settings = settings
         self.count = 0
         self.seconds = 0.0
+        self.last: Result | None = None  # the last request's whole result
 
     def __call__(
         self, mode: str, image_size: tuple[int, int], condition, seed_offset: int, **options
@@ -226,6 +227,7 @@ class ImageGenerator:
                 result = event
         self.seconds += time.monotonic() - started
         self.count += 1
+        self.last = result
         return result.images[0]
 
     def offers(self, task: str) -> bool:
@@ -387,6 +389,7 @@ def measure_superres(
     for factor in factors:
         scores: dict[str, list[float]] = {k: [] for k in ("psnr", "perceptual")}
         bicubic_scores: dict[str, list[float]] = {k: [] for k in ("psnr", "perceptual")}
+        decoded_scores: dict[str, list[float]] = {k: [] for k in ("psnr", "perceptual")}
         bar = _progress(min(settings.superres_limit, len(photos)), f"superres ×{factor}")
         for photo in photos:
             if len(scores["psnr"]) >= settings.superres_limit:
@@ -401,7 +404,9 @@ def measure_superres(
                 "superres", image.shape[:2], small, len(scores["psnr"]), superres_factor=factor
             )
             bicubic = upsample_bicubic(small, (width, height))
-            for result, store in ((output, scores), (bicubic, bicubic_scores)):
+            decoded = generate.last.extra.get("decoded", [output])[0]
+            compared = ((output, scores), (bicubic, bicubic_scores), (decoded, decoded_scores))
+            for result, store in compared:
                 store["psnr"].append(psnr(image, result))
                 with torch.no_grad():
                     distance = perceptual(to_tensor([result]), to_tensor([image]))
@@ -417,6 +422,8 @@ def measure_superres(
             "perceptual_squeezenet": _mean(scores["perceptual"]),
             "bicubic_psnr_db": _mean(bicubic_scores["psnr"]),
             "bicubic_perceptual_squeezenet": _mean(bicubic_scores["perceptual"]),
+            "decoded_psnr_db": _mean(decoded_scores["psnr"]),
+            "decoded_perceptual_squeezenet": _mean(decoded_scores["perceptual"]),
         }
     return Section(figures, examples)
 
@@ -731,19 +738,25 @@ def _superres_lines(superres: dict) -> list[str]:
         return lines + [f"Skipped: {superres['skipped']}."]
     lines += [
         f"The photo's Lanczos thumbnail (1/4 or 1/8) is enlarged back; PSNR and {PERCEPTUAL_NAME} "
-        "(lower is closer) against the photo, beside bicubic enlargement of the same thumbnail.",
+        "(lower is closer) against the photo, beside bicubic enlargement of the same thumbnail. "
+        "The studio's result is the transformer's tokens, decoded, then back-projected onto "
+        "the thumbnail (`core.conditions.back_project`); the decoded tokens alone are shown "
+        "too.",
         "",
-        "| factor | photos | PSNR (dB) | perceptual | bicubic PSNR | bicubic perceptual |",
-        "|---|---|---|---|---|---|",
+        "| factor | photos | PSNR (dB) | perceptual | bicubic PSNR | bicubic perceptual "
+        "| decoded PSNR | decoded perceptual |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for key, row in superres.items():
         if "skipped" in row:
-            lines.append(f"| {key} | — | skipped: {row['skipped']} | | | |")
+            lines.append(f"| {key} | — | skipped: {row['skipped']} | | | | | |")
             continue
         lines.append(
             f"| {key} | {row['photos']} | {_text(row['psnr_db'], 2)} | "
             f"{_text(row['perceptual_squeezenet'], 4)} | {_text(row['bicubic_psnr_db'], 2)} | "
-            f"{_text(row['bicubic_perceptual_squeezenet'], 4)} |"
+            f"{_text(row['bicubic_perceptual_squeezenet'], 4)} | "
+            f"{_text(row.get('decoded_psnr_db'), 2)} | "
+            f"{_text(row.get('decoded_perceptual_squeezenet'), 4)} |"
         )
     return lines
 

@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=100)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--window", type=int, default=None, help="window rows in tokens")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=GenerateRequest.guidance,
+        help="layout and sketch: how closely to follow the condition (1 = plain sampling; "
+        f"default {GenerateRequest.guidance:g})",
+    )
     parser.add_argument("--samples", type=int, default=1, help="images to make at once")
     parser.add_argument("--checkpoints", default="checkpoints", help="model bundle folder")
     parser.add_argument("--out", default="samples", help="folder for the PNGs (default: samples/)")
@@ -101,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             top_k=args.top_k,
             top_p=args.top_p,
             window=args.window,
+            guidance=args.guidance,
             num_samples=args.samples,
         )
         bar = None

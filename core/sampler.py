@@ -48,6 +48,10 @@ class SamplingOptions:
     top_p: float | None = None
     greedy: bool = False  # argmax; ignores temperature, top-k, top-p and the noise
     seed: int = 0
+    # Classifier-free guidance: logits = unguided + guidance * (conditioned - unguided), where
+    # the unguided logits come from `Condition.unguided` (an empty layout, a blank sketch).
+    # 1 samples from the model as trained; larger values follow the condition more closely.
+    guidance: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -58,6 +62,8 @@ class SamplingOptions:
             raise ValueError(f"top_k must be at least 1 (or None), got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (or None), got {self.top_p}")
+        if not 0 <= self.guidance <= 20:
+            raise ValueError(f"guidance must be between 0 and 20 (1 = none), got {self.guidance}")
 
 
 @dataclass
@@ -65,11 +71,14 @@ class Condition:
     """What the model is conditioned on: prefix ids [B, 1] and an optional grid [B, h, w].
 
     Both hold cond-vocab ids. The grid has the image grid's size, so a window crops both with one
-    slice; it is None for class-conditional and unconditional models.
+    slice; it is None for class-conditional and unconditional models. `unguided` [B, h, w] is
+    the grid that guidance steers away from (see `SamplingOptions.guidance`); it runs beside
+    `tokens` in the same model passes, so guidance costs about twice the work.
     """
 
     prefix: torch.Tensor
     tokens: torch.Tensor | None = None
+    unguided: torch.Tensor | None = None
 
 
 @dataclass
@@ -302,7 +311,8 @@ class _Plan:
     noise: torch.Tensor  # B, h, w uniforms
     window: tuple[int, int]
     stride: tuple[int, int]
-    condition: Condition  # on the model's device
+    condition: Condition  # what the model runs on, on its device: 2B rows when guided
+    guidance: float | None = None  # None: unguided, the model's logits are used as they are
 
 
 def _prepare(
@@ -339,9 +349,41 @@ def _prepare(
     if not positions:
         raise ValueError("the mask selects no position to sample; nothing to do")
     noise = draw_noise(batch, grid_h, grid_w, options.seed).to(device)
+    on_device = _model_condition(condition, options, model.config.cond_vocab, device)
+    guidance = None if options.guidance == 1 else options.guidance
+    return _Plan(tokens, sample_mask, positions, noise, window, stride, on_device, guidance)
+
+
+def _model_condition(
+    condition: Condition, options: SamplingOptions, vocab: int, device: torch.device
+) -> Condition:
+    """The condition the model runs on: with guidance, the conditioned rows then the unguided."""
+    prefix = condition.prefix.to(device)
     cond_grid = None if condition.tokens is None else condition.tokens.to(device)
-    on_device = Condition(prefix.to(device), cond_grid)
-    return _Plan(tokens, sample_mask, positions, noise, window, stride, on_device)
+    if options.guidance == 1:
+        return Condition(prefix, cond_grid)
+    unguided = condition.unguided
+    if cond_grid is None or unguided is None:
+        raise ValueError(
+            "guidance needs a condition grid and its unguided counterpart (Condition.unguided); "
+            "use guidance=1 for this condition"
+        )
+    if tuple(unguided.shape) != tuple(cond_grid.shape):
+        raise ValueError(
+            f"unguided grid has shape {tuple(unguided.shape)}, the condition grid "
+            f"{tuple(cond_grid.shape)}; they must match"
+        )
+    _check_ids(unguided, vocab, "unguided grid", "cond_vocab")
+    both = torch.cat([cond_grid, unguided.to(device)])  # 2B, h, w
+    return Condition(torch.cat([prefix, prefix]), both)
+
+
+def _guide(logits: torch.Tensor, guidance: float | None) -> torch.Tensor:
+    """Logits [B, V] from the model's [B, V] (unguided) or [2B, V] (conditioned, unguided)."""
+    if guidance is None:
+        return logits
+    conditioned, unguided = logits.chunk(2)
+    return unguided + guidance * (conditioned - unguided)
 
 
 def _check_ids(ids: torch.Tensor, vocab: int, what: str, key: str) -> None:
@@ -419,7 +461,8 @@ def _before(plan: _Plan, i: int, j: int, top: int, left: int) -> torch.Tensor:
     rows, cols = plan.window
     batch = plan.tokens.shape[0]
     crop = plan.tokens[:, top : top + rows, left : left + cols].reshape(batch, rows * cols)
-    return crop[:, : (i - top) * cols + (j - left)]
+    before = crop[:, : (i - top) * cols + (j - left)]
+    return before if plan.guidance is None else torch.cat([before, before])  # both halves
 
 
 def _run_raster(
@@ -433,7 +476,7 @@ def _run_raster(
     progress = _Progress(plan)
     for index, (i, j) in enumerate(plan.positions):
         top, left = window_placement(i, j, grid_h, grid_w, plan.window, plan.stride)
-        logits = window_logits(top, left, _before(plan, i, j, top, left))  # B, V
+        logits = _guide(window_logits(top, left, _before(plan, i, j, top, left)), plan.guidance)
         if on_logits is not None:
             on_logits((i, j), logits)
         _write(plan, i, j, pick_tokens(logits, plan.noise[:, i, j], options))
@@ -518,7 +561,7 @@ def _run_wavefront(
                 caches.feed(top, left, _before(plan, i, j, top, left))
                 for i, j, top, left in targets
             ]
-            logits = torch.cat(caches.run(feeds))  # N*B, V
+            logits = torch.cat([_guide(part, plan.guidance) for part in caches.run(feeds)])
             noise = torch.cat([plan.noise[:, i, j] for i, j, _, _ in targets])  # N*B
             picked = pick_tokens(logits, noise, options).view(len(targets), batch)
         for n, (i, j, _, _) in enumerate(targets):
@@ -547,7 +590,7 @@ def sample_naive(
     plan = _prepare(model, condition, grid_h, grid_w, options, window, stride, known, mask)
     rows, cols = plan.window
     prefix, cond_grid = plan.condition.prefix, plan.condition.tokens
-    batch = prefix.shape[0]
+    batch = prefix.shape[0]  # 2B when guided
 
     def window_logits(top: int, left: int, before: torch.Tensor) -> torch.Tensor:
         cond = None

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from core.checkpoint import save_checkpoint
+from core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from core.condition_stages import condition_input
 from core.conditions import canny_edges, downsample, estimate_depth_from_layout, upsample_bicubic
 from core.config import ConfigError, config_to_yaml
@@ -77,6 +77,10 @@ class TransformerTrainConfig:
     val_every: int = 500
     val_windows: int = 64  # windows per task in the validation NLL
     cache: str = "runs/token_cache"
+    # A transformer checkpoint to start from (same layers and width): its blocks and image
+    # tables are copied, and so are the condition rows of every stage whose tokens are unchanged
+    # and every prefix token by name; the rest starts fresh. Empty: train from scratch.
+    init: str = ""
 
 
 # ----------------------------------------------------------------------------- tokenising
@@ -364,6 +368,61 @@ def fixed_val_batches(batches: WindowBatches, count: int) -> list:
     return fixed
 
 
+# ----------------------------------------------------------------------------- warm start
+
+
+def _condition_rows(old: Vocabulary, new: Vocabulary, old_hashes: dict, new_hashes: dict):
+    """Pairs (new ids, old ids) of condition-table rows that mean the same token in both."""
+    new_ids, old_ids = [], []
+    for source, offset in new.offsets.items():
+        same_tokens = old_hashes.get(source) and old_hashes.get(source) == new_hashes.get(source)
+        if source in old.offsets and same_tokens and old.sizes[source] == new.sizes[source]:
+            new_ids += range(offset, offset + new.sizes[source])
+            old_ids += range(old.offsets[source], old.offsets[source] + new.sizes[source])
+    for name in new.prefixes:
+        if name in old.prefixes:
+            new_ids.append(new.prefix_id(name))
+            old_ids.append(old.prefix_id(name))
+    return new_ids, old_ids
+
+
+def warm_start(model: GPT, folder: str, vocabulary: Vocabulary, hashes: dict) -> list[str]:
+    """Copy what still means the same from the transformer in `folder`; returns what started new.
+
+    Every tensor but the condition table must have the same shape (the same layers, width and
+    window); condition rows are copied only for stages whose token hash is unchanged.
+    """
+    checkpoint = load_checkpoint(folder, kind="transformer")
+    old_vocabulary = Vocabulary.from_dict(checkpoint.extra["vocabulary"])
+    own = model.state_dict()
+    with torch.no_grad():
+        for name, tensor in own.items():
+            if name == "cond_embed.weight":
+                continue
+            source = checkpoint.state.get(name)
+            if source is None or source.shape != tensor.shape:
+                raise CheckpointError(
+                    f"config key 'init': {folder} has no tensor '{name}' of shape "
+                    f"{tuple(tensor.shape)}; init needs the same layers, width and window"
+                )
+            tensor.copy_(source.to(tensor.dtype))
+        new_ids, old_ids = _condition_rows(
+            old_vocabulary, vocabulary, checkpoint.extra.get("stages", {}), hashes
+        )
+        old_table = checkpoint.state["cond_embed.weight"].to(own["cond_embed.weight"].dtype)
+        own["cond_embed.weight"][new_ids] = old_table[old_ids]
+    kept = set(new_ids)
+    fresh = [source for source, offset in vocabulary.offsets.items() if offset not in kept]
+    fresh += [name for name in vocabulary.prefixes if vocabulary.prefix_id(name) not in kept]
+    logger.info(
+        "started from %s (step %s); new condition rows: %s",
+        folder,
+        checkpoint.extra.get("step"),
+        ", ".join(fresh) or "none",
+    )
+    return fresh
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -416,6 +475,8 @@ def train_transformer(config: TransformerTrainConfig, train_records, val_records
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
         logger.info("resumed %s at step %d", run.folder, step)
+    elif config.init:
+        warm_start(model, config.init, vocabulary, tokeniser.hashes)
     broadcast_module_(model, run.dist)  # every rank starts from rank 0's weights
 
     def save() -> None:

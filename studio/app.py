@@ -53,6 +53,8 @@ MODE_LABELS = {
 ANY_SCENE = "any"
 DEFAULT_SIZE = (512, 512)
 MAX_SAMPLES = 4
+MAX_GUIDANCE = 5.0
+DEFAULT_GUIDANCE = GenerateRequest.guidance  # the pipeline's default
 SEED_RANGE = 2**31 - 1
 PREVIEW_INTERVAL = 0.5  # seconds between previews inside one token row
 KEEP_TIMELAPSES = 8  # runs whose timelapse frames stay in memory
@@ -139,6 +141,7 @@ class Studio:
         top_k: float | None,
         top_p: float | None,
         window: float | None,
+        guidance: float | None = None,
     ) -> dict[str, Any]:
         """Sampling options from the controls, checked."""
         if seed is None or not 0 <= int(seed) <= SEED_RANGE:
@@ -146,7 +149,14 @@ class Studio:
         if temperature is None or not 0 < float(temperature) <= 5:
             raise canvas.CanvasError("The temperature must be above 0 (1.0 is the usual value).")
         top_p_value = None if top_p is None or not 0 < float(top_p) < 1 else float(top_p)
+        guidance = DEFAULT_GUIDANCE if guidance is None else float(guidance)
+        if not 0 <= guidance <= MAX_GUIDANCE:
+            raise canvas.CanvasError(
+                f"The guidance must be from 0 to {MAX_GUIDANCE:g} (1 = none, "
+                f"{DEFAULT_GUIDANCE:g} is the default)."
+            )
         return {
+            "guidance": guidance,
             "seed": int(seed),
             "temperature": float(temperature),
             "top_k": _optional_int(top_k),
@@ -204,13 +214,14 @@ class Studio:
         top_k: float | None,
         top_p: float | None,
         window: float | None,
+        guidance: float | None,
         num_samples: float | None,
     ) -> GenerateRequest:
         """A GenerateRequest from the values of every control."""
         if mode not in self.pipeline.modes:
             offered = ", ".join(self.pipeline.modes)
             raise canvas.CanvasError(f"This model has no {mode!r} mode; it offers {offered}.")
-        options = self.sampling(seed, temperature, top_k, top_p, window)
+        options = self.sampling(seed, temperature, top_k, top_p, window, guidance)
         samples = int(num_samples or 1)
         if not 1 <= samples <= MAX_SAMPLES:
             raise canvas.CanvasError(f"Ask for 1 to {MAX_SAMPLES} samples at a time.")
@@ -319,6 +330,7 @@ class Studio:
         top_k: float | None,
         top_p: float | None,
         window: float | None,
+        guidance: float | None,
         num_samples: float | None,
         runs: list[Run],
         request: gr.Request,
@@ -340,6 +352,7 @@ class Studio:
                 top_k,
                 top_p,
                 window,
+                guidance,
                 num_samples,
             )
             stop = self.switches.start(request.session_hash)
@@ -430,6 +443,7 @@ class Studio:
         top_k: float | None,
         top_p: float | None,
         window: float | None,
+        guidance: float | None,
         runs: list[Run],
         selected: tuple[int, int] | None,
         request: gr.Request,
@@ -439,7 +453,7 @@ class Studio:
             run, sample = self.chosen(runs, selected)
             image = run.images[sample]
             mask = canvas.mask_from_canvas(mask_canvas, image.shape[:2])
-            options = self.sampling(seed, temperature, top_k, top_p, window)
+            options = self.sampling(seed, temperature, top_k, top_p, window, guidance)
             job = replace(run.request, num_samples=1, **options)
             tokens = run.tokens[sample : sample + 1]
             stop = self.switches.start(request.session_hash)
@@ -460,6 +474,7 @@ class Studio:
         top_k: float | None,
         top_p: float | None,
         window: float | None,
+        guidance: float | None,
         runs: list[Run],
         selected: tuple[int, int] | None,
         request: gr.Request,
@@ -477,7 +492,7 @@ class Studio:
                     f"Extended, the image would be {width + right} × {height + down}; the limit "
                     f"is {limit} pixels a side."
                 )
-            options = self.sampling(seed, temperature, top_k, top_p, window)
+            options = self.sampling(seed, temperature, top_k, top_p, window, guidance)
             job = replace(run.request, num_samples=1, width=width, height=height, **options)
             tokens = run.tokens[sample : sample + 1]
             stop = self.switches.start(request.session_hash)
@@ -589,6 +604,7 @@ class Studio:
                 value("top_k", int, 0),
                 value("top_p", float, 1.0) or 1.0,
                 value("window", int, 0),
+                value("guidance", float, 1.0),
                 value("num_samples", int, 1) or 1,
                 f"Restored the settings of {Path(path).name}{note}.",
             )
@@ -758,6 +774,14 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
                             precision=0,
                             minimum=0,
                         )
+                        guidance = gr.Slider(
+                            0.0,
+                            MAX_GUIDANCE,
+                            value=DEFAULT_GUIDANCE,
+                            step=0.25,
+                            label="Guidance (layout, sketch; 1 = off)",
+                            info="How closely to follow the painting; twice the work above 1.",
+                        )
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -822,8 +846,8 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
 
         # --- events ---------------------------------------------------------------------
         controls = [mode, layout, sketch, depth, photo, factor, scene, width, height]
-        controls += [seed, temperature, top_k, top_p, window, samples]
-        sampling = [seed, temperature, top_k, top_p, window]
+        controls += [seed, temperature, top_k, top_p, window, guidance, samples]
+        sampling = [seed, temperature, top_k, top_p, window, guidance]
         run_outputs = [preview, status, gallery, runs, selected, downloads, mask]
         run_options = dict(
             outputs=run_outputs,
@@ -967,6 +991,7 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
                 top_k,
                 top_p,
                 window,
+                guidance,
                 samples,
                 status,
             ],

@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 
 from core.conditions import (
     ConditionError,
+    back_project,
     canny_edges,
     compare_with_midas,
     depth_from_array,
@@ -183,3 +184,31 @@ def test_upsample_bicubic_takes_width_then_height() -> None:
     image = np.zeros((8, 12, 3), dtype=np.uint8)
     assert upsample_bicubic(image, (48, 32)).shape == (32, 48, 3)
     assert upsample_bicubic(np.zeros((8, 12), np.float32), (24, 16)).shape == (16, 24)
+
+
+def test_back_projection_brings_a_wrong_enlargement_back_to_the_small_photo() -> None:
+    # A 16x16 photo: left half red (200, 40, 40), right half blue (40, 40, 200).
+    small = np.zeros((16, 16, 3), dtype=np.uint8)
+    small[:, :8] = (200, 40, 40)
+    small[:, 8:] = (40, 40, 200)
+    grey = np.full((64, 64, 3), 128, dtype=np.uint8)  # an "enlargement" that lost the colours
+    result = back_project(grey, small, 4)
+    # More than the filters' reach (12 px) from the colour border at column 32, the result has
+    # the photo's colours
+    assert np.abs(result[:, :20].astype(int) - (200, 40, 40)).max() <= 3
+    assert np.abs(result[:, 44:].astype(int) - (40, 40, 200)).max() <= 3
+
+
+def test_back_projection_keeps_detail_finer_than_the_small_photo() -> None:
+    # A flat grey photo and an enlargement with a fine checkerboard of +-20 on grey 128: the
+    # checkerboard averages out when shrunk, so back-projection must leave it in place.
+    small = np.full((8, 8, 3), 128, dtype=np.uint8)
+    checker = (np.indices((32, 32)).sum(axis=0) % 2 * 40 + 108).astype(np.uint8)
+    enlarged = np.repeat(checker[..., None], 3, axis=2)
+    result = back_project(enlarged, small, 4)
+    assert np.abs(result.astype(int) - enlarged.astype(int)).max() <= 4
+
+
+def test_back_projection_refuses_an_image_that_is_not_the_enlargement() -> None:
+    with pytest.raises(ConditionError, match="not ×4 of a 16×16"):
+        back_project(np.zeros((60, 64, 3), np.uint8), np.zeros((16, 16, 3), np.uint8), 4)

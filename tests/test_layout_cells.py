@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -97,4 +99,14 @@ def test_a_transformer_on_layout_cells_bundles_and_generates(workdir):
     assert (condition.tokens[0] - offset).tolist() == expected
 
     result = [event for event in pipeline.generate(request) if isinstance(event, Result)][0]
+    assert result.images[0].shape == (32, 48, 3)
+
+    # Guidance steers away from an unpainted layout: every cell free (id 13, after the 13
+    # palette classes 0..12), sampled beside the painted one.
+    guided = replace(request, guidance=2.0)
+    condition = pipeline.condition_tokens(
+        guided, pipeline.condition_map(guided, grid.width, grid.height), grid
+    )
+    assert (condition.unguided[0] - offset).tolist() == [[13] * 6] * 4
+    result = [event for event in pipeline.generate(guided) if isinstance(event, Result)][0]
     assert result.images[0].shape == (32, 48, 3)

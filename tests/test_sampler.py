@@ -211,6 +211,55 @@ def test_one_window_grid_equals_plain_full_context_sampling(method):
     assert torch.equal(windowed, image.view(2, 4, 5))
 
 
+def guided_condition(batch: int = 2) -> Condition:
+    cond = condition(batch)
+    unguided = torch.full_like(cond.tokens, 23)  # one "empty" id everywhere
+    return Condition(cond.prefix, cond.tokens, unguided)
+
+
+@pytest.mark.parametrize("stride", [(1, 1), (2, 3)])
+def test_guided_cached_sampler_matches_guided_naive(stride):
+    model, cond = tiny_model(), guided_condition()
+    options = SamplingOptions(seed=5, guidance=3.0)
+    naive_tokens, naive_logits = sampled_with_logits(
+        model, cond, "naive", window=WINDOW, stride=stride, options=options
+    )
+    cached_tokens, cached_logits = sampled_with_logits(
+        model, cond, "cached", window=WINDOW, stride=stride, options=options
+    )
+    for position, logits in naive_logits.items():
+        torch.testing.assert_close(cached_logits[position], logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(cached_tokens, naive_tokens)
+
+
+def test_guidance_extrapolates_from_the_unguided_logits():
+    # On a one-window grid the first token's logits are one forward of the prefix and the
+    # condition: guided = unguided + 2.5 * (conditioned - unguided).
+    model, cond = tiny_model(), guided_condition()
+    small = Condition(cond.prefix, cond.tokens[:, :4, :5], cond.unguided[:, :4, :5])
+    with torch.no_grad():
+        conditioned = model.next_token_logits(small.prefix, small.tokens.reshape(2, 20), None, 4, 5)
+        unguided = model.next_token_logits(small.prefix, small.unguided.reshape(2, 20), None, 4, 5)
+    seen = {}
+    options = SamplingOptions(seed=0, guidance=2.5)
+    run(sample(model, small, 4, 5, options, on_logits=lambda p, v: seen.setdefault(p, v.clone())))
+    expected = unguided + 2.5 * (conditioned - unguided)
+    torch.testing.assert_close(seen[(0, 0)], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_guidance_one_ignores_the_unguided_grid():
+    model = tiny_model()
+    plain, _ = sampled_with_logits(model, condition(), "cached", window=WINDOW)
+    guided, _ = sampled_with_logits(model, guided_condition(), "cached", window=WINDOW)
+    assert torch.equal(plain, guided)
+
+
+def test_guidance_without_an_unguided_grid_is_refused():
+    options = SamplingOptions(guidance=2.0)
+    with pytest.raises(ValueError, match="unguided counterpart"):
+        next(sample(tiny_model(), condition(), GRID_H, GRID_W, options))
+
+
 def test_cached_sampler_serves_several_windows_per_model_pass():
     work = {}
     sampler = sample_cached(

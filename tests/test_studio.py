@@ -119,6 +119,7 @@ def test_settings_survive_a_png_round_trip(tmp_path: Path):
         "temperature": 0.9,
         "top_k": 100,
         "top_p": None,
+        "guidance": 2.5,
         "window": None,
         "num_samples": 2,
     }
@@ -238,8 +239,10 @@ def generate_args(canvas_path: Path | None, size: int, seed: int = 7) -> list:
             "composite": handle_file(str(canvas_path)),
         }
     # mode, layout, sketch, depth, photo, superres_factor, scene, width, height,
-    # seed, temperature, top_k, top_p, window, num_samples
-    return ["layout", layout, None, None, None, 4, "any", size, size, seed, 1.0, 100, 1.0, 0, 1]
+    # seed, temperature, top_k, top_p, window, guidance, num_samples
+    return [
+        "layout", layout, None, None, None, 4, "any", size, size, seed, 1.0, 100, 1.0, 0, 1.5, 1
+    ]  # fmt: skip
 
 
 def test_generate_streams_previews_and_the_png_restores_its_settings(client, tmp_path: Path):
@@ -262,8 +265,8 @@ def test_generate_streams_previews_and_the_png_restores_its_settings(client, tmp
 
     restored = client.predict(handle_file(result_png), api_name="/restore")
     # mode, width, height, scene, superres_factor, seed, temperature, top_k, top_p, window,
-    # num_samples, status
-    assert restored[:11] == ("layout", 128, 128, "any", 4, 7, 1.0, 100, 1.0, 0, 1)
+    # guidance, num_samples, status
+    assert restored[:12] == ("layout", 128, 128, "any", 4, 7, 1.0, 100, 1.0, 0, 1.5, 1)
 
 
 def test_empty_canvas_gives_the_user_a_message(client):
@@ -310,13 +313,13 @@ def test_resample_extend_and_timelapse_work_on_the_latest_result(client, tmp_pat
     mask_canvas = {"background": blank, "layers": [handle_file(str(tmp_path / "mask.png"))]}
     mask_canvas["composite"] = blank
 
-    # mask canvas, seed, temperature, top_k, top_p, window
-    resampled = client.predict(mask_canvas, 5, 1.0, 100, 1.0, 0, api_name="/resample")
+    # mask canvas, seed, temperature, top_k, top_p, window, guidance
+    resampled = client.predict(mask_canvas, 5, 1.0, 100, 1.0, 0, 2.0, api_name="/resample")
     assert "done" in resampled[1]
     assert read_metadata(resampled[3][0])["kind"] == "resample"
 
-    # right, down, seed, temperature, top_k, top_p, window
-    extended = client.predict(32, 16, 5, 1.0, 100, 1.0, 0, api_name="/extend")
+    # right, down, seed, temperature, top_k, top_p, window, guidance
+    extended = client.predict(32, 16, 5, 1.0, 100, 1.0, 0, 2.0, api_name="/extend")
     assert Image.open(extended[3][0]).size == (96, 80)
 
     gif = Image.open(client.predict(api_name="/timelapse"))

@@ -161,3 +161,49 @@ def test_optimizer_decays_linear_weights_only():
     assert id(model.image_embed.weight) not in decayed_ids
     assert id(model.blocks[0].ln1.weight) not in decayed_ids
     assert len(decayed["params"]) == 2 * 4 + 1  # four linear layers per block, plus the head
+
+
+def test_warm_start_keeps_blocks_and_the_rows_of_unchanged_stages(tmp_path):
+    from core.checkpoint import save_checkpoint
+    from core.models import Vocabulary
+    from core.train_transformer import warm_start
+
+    # The old model knew a 6-code layout stage and a 4-code edges stage; the new one has a
+    # 3-class layout stage (other tokens) and the same edges stage.
+    old_vocabulary = Vocabulary.build({"image": 32, "layout": 6, "edges": 4}, ["layout", "edges"])
+    new_vocabulary = Vocabulary.build({"image": 32, "layout": 3, "edges": 4}, ["layout", "edges"])
+    torch.manual_seed(0)
+    old = GPT(GPTConfig(32, old_vocabulary.size, 2, 2, 32, ROWS, COLS))
+    extra = {
+        "vocabulary": old_vocabulary.as_dict(),
+        "stages": {"image": "i" * 64, "layout": "a" * 64, "edges": "e" * 64},
+    }
+    save_checkpoint(tmp_path / "old", "transformer", old.config, old.state_dict(), "", extra)
+    torch.manual_seed(1)
+    new = GPT(GPTConfig(32, new_vocabulary.size, 2, 2, 32, ROWS, COLS))
+    fresh_layout = new.cond_embed.weight[0:3].clone()
+
+    hashes = {"image": "i" * 64, "layout": "b" * 64, "edges": "e" * 64}
+    fresh = warm_start(new, str(tmp_path / "old"), new_vocabulary, hashes)
+
+    assert fresh == ["layout"]
+    assert torch.equal(new.blocks[1].mlp.fc.weight, old.blocks[1].mlp.fc.weight)
+    assert torch.equal(new.image_embed.weight, old.image_embed.weight)
+    # edges: rows 3..6 now, rows 6..9 before; the two prefix tokens: 7, 8 now, 10, 11 before
+    assert torch.equal(new.cond_embed.weight[3:7], old.cond_embed.weight[6:10])
+    assert torch.equal(new.cond_embed.weight[7:9], old.cond_embed.weight[10:12])
+    assert torch.equal(new.cond_embed.weight[0:3], fresh_layout)
+
+
+def test_warm_start_from_another_shape_names_the_tensor(tmp_path):
+    from core.checkpoint import CheckpointError, save_checkpoint
+    from core.models import Vocabulary
+    from core.train_transformer import warm_start
+
+    vocabulary = Vocabulary.build({"image": 32, "edges": 4}, ["edges"])
+    wide = GPT(GPTConfig(32, vocabulary.size, 2, 2, 64, ROWS, COLS))
+    extra = {"vocabulary": vocabulary.as_dict(), "stages": {}}
+    save_checkpoint(tmp_path / "wide", "transformer", wide.config, wide.state_dict(), "", extra)
+    narrow = GPT(GPTConfig(32, vocabulary.size, 2, 2, 32, ROWS, COLS))
+    with pytest.raises(CheckpointError, match="init needs the same layers, width and window"):
+        warm_start(narrow, str(tmp_path / "wide"), vocabulary, {})
