@@ -54,6 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--naive-rows", type=int, default=2, help="grid rows the naive runs")
     parser.add_argument("--unconditional", action="store_true", help="no condition grid")
     parser.add_argument(
+        "--guidance",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance (not 1: an unguided grid runs beside the condition)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -94,11 +100,13 @@ def build(args: argparse.Namespace) -> tuple[GPT, Condition]:
     model = GPT(config).to(args.device, getattr(torch, args.dtype)).eval()
     grid_h, grid_w = args.grid
     prefix = torch.zeros(args.batch, 1, dtype=torch.long, device=args.device)
-    tokens = None
+    tokens = unguided = None
     if not args.unconditional:
         shape = (args.batch, grid_h, grid_w)
         tokens = torch.randint(1, 1024, shape, device=args.device)
-    return model, Condition(prefix, tokens)
+        if args.guidance != 1:
+            unguided = torch.zeros_like(tokens)
+    return model, Condition(prefix, tokens, unguided)
 
 
 def _seconds(function, repeats: int) -> float:
@@ -141,7 +149,15 @@ def measure_naive(model: GPT, condition: Condition, args: argparse.Namespace) ->
     mask = torch.zeros(1, grid_h, grid_w, dtype=torch.bool, device=args.device)
     mask[:, first : first + args.naive_rows] = True  # rows above are known: full context
     sampler = sample_naive(
-        model, condition, grid_h, grid_w, SamplingOptions(), args.window, args.stride, known, mask
+        model,
+        condition,
+        grid_h,
+        grid_w,
+        SamplingOptions(guidance=args.guidance),
+        args.window,
+        args.stride,
+        known,
+        mask,
     )
     cpu = time.process_time()
     event = None
@@ -156,7 +172,14 @@ def measure_cached(model: GPT, condition: Condition, args: argparse.Namespace) -
     grid_h, grid_w = args.grid
     work: dict[str, int] = {}
     sampler = sample_cached(
-        model, condition, grid_h, grid_w, SamplingOptions(), args.window, args.stride, work=work
+        model,
+        condition,
+        grid_h,
+        grid_w,
+        SamplingOptions(guidance=args.guidance),
+        args.window,
+        args.stride,
+        work=work,
     )
     cpu = time.process_time()
     event = None
@@ -209,6 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
         "conditional": not args.unconditional,
         "threads": torch.get_num_threads(),
         "dtype": args.dtype,
+        "guidance": args.guidance,
         "cached_tokens_per_s": args.batch / cached_s,
         "naive_tokens_per_s": args.batch / naive["wall"],
         "speedup": naive["wall"] / cached_s,  # median over the repeats

@@ -175,6 +175,7 @@ class ReportSettings:
     seed: int = 0  # photo i is generated with seed + i
     temperature: float = 1.0
     top_k: int | None = 100
+    guidance: float = GenerateRequest.guidance  # the studio's default (layout and sketch)
 
 
 @dataclass
@@ -217,6 +218,7 @@ class ImageGenerator:
             condition=condition,
             seed=self.settings.seed + seed_offset,
             temperature=self.settings.temperature,
+            guidance=self.settings.guidance,
             top_k=self.settings.top_k,
             **options,
         )
@@ -639,7 +641,8 @@ def markdown_report(report: dict, grid_name: str | None) -> str:
         f"- photos: split `{settings['split']}` of `{settings['index']}`, scaled to "
         f"{settings['height']} px high (aspect kept, width a multiple of the token size); "
         f"sources taken in turn; seed {settings['seed']} + photo number, temperature "
-        f"{settings['temperature']}, top-k {settings['top_k']}",
+        f"{settings['temperature']}, top-k {settings['top_k']}, guidance "
+        f"{settings.get('guidance', 1.0)} (layout and sketch)",
     ]
     if report["model"]["tiny"]:
         lines += ["", "**Untrained tiny pipeline (`--tiny`): the numbers test the plumbing only.**"]
@@ -804,6 +807,12 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="photo i is sampled with seed + i")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=100, help="0 for no top-k")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=GenerateRequest.guidance,
+        help="layout and sketch guidance (1 = plain sampling; default: the studio's)",
+    )
     parser.add_argument("--models", default=str(DEFAULT_MODELS), help="segmenter folder")
     parser.add_argument("--palette-sources", default=str(DEFAULT_PALETTE_SOURCES))
     parser.add_argument("--vqgan-json", help="JSON from `python -m core.evaluate vqgan --out`")
@@ -820,6 +829,7 @@ def evaluate_bundle(args: argparse.Namespace) -> dict:
         seed=args.seed,
         temperature=args.temperature,
         top_k=args.top_k or None,
+        guidance=args.guidance,
     )
     pipeline = Pipeline.tiny() if args.tiny else Pipeline.load(args.checkpoints)
     figures, examples = run_report(
