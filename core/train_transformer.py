@@ -386,39 +386,44 @@ def _condition_rows(old: Vocabulary, new: Vocabulary, old_hashes: dict, new_hash
     return new_ids, old_ids
 
 
+CONDITION_TABLES = ("cond_embed.weight", "aligned_embed.weight")  # rows follow the vocabulary
+
+
 def warm_start(model: GPT, folder: str, vocabulary: Vocabulary, hashes: dict) -> list[str]:
     """Copy what still means the same from the transformer in `folder`; returns what started new.
 
-    Every tensor but the condition table must have the same shape (the same layers, width and
-    window); condition rows are copied only for stages whose token hash is unchanged.
+    Every other tensor must have the same shape (the same layers, width and window); condition
+    rows are copied only for stages whose token hash is unchanged. An aligned condition table
+    the old model lacks stays at zero, so the model starts computing what the old one did.
     """
     checkpoint = load_checkpoint(folder, kind="transformer")
     old_vocabulary = Vocabulary.from_dict(checkpoint.extra["vocabulary"])
-    own = model.state_dict()
+    new_ids, old_ids = _condition_rows(
+        old_vocabulary, vocabulary, checkpoint.extra.get("stages", {}), hashes
+    )
+    fresh = [source for source, offset in vocabulary.offsets.items() if offset not in new_ids]
+    fresh += [name for name in vocabulary.prefixes if vocabulary.prefix_id(name) not in new_ids]
     with torch.no_grad():
-        for name, tensor in own.items():
-            if name == "cond_embed.weight":
-                continue
+        for name, tensor in model.state_dict().items():
             source = checkpoint.state.get(name)
+            same_width = source is not None and source.shape[1:] == tensor.shape[1:]
+            if name in CONDITION_TABLES and (source is None or same_width):
+                if source is None:
+                    fresh.append(name.removesuffix(".weight"))
+                else:
+                    tensor[new_ids] = source[old_ids].to(tensor.dtype)
+                continue
             if source is None or source.shape != tensor.shape:
                 raise CheckpointError(
                     f"config key 'init': {folder} has no tensor '{name}' of shape "
                     f"{tuple(tensor.shape)}; init needs the same layers, width and window"
                 )
             tensor.copy_(source.to(tensor.dtype))
-        new_ids, old_ids = _condition_rows(
-            old_vocabulary, vocabulary, checkpoint.extra.get("stages", {}), hashes
-        )
-        old_table = checkpoint.state["cond_embed.weight"].to(own["cond_embed.weight"].dtype)
-        own["cond_embed.weight"][new_ids] = old_table[old_ids]
-    kept = set(new_ids)
-    fresh = [source for source, offset in vocabulary.offsets.items() if offset not in kept]
-    fresh += [name for name in vocabulary.prefixes if vocabulary.prefix_id(name) not in kept]
     logger.info(
-        "started from %s (step %s); new condition rows: %s",
+        "started from %s (step %s); started fresh: %s",
         folder,
         checkpoint.extra.get("step"),
-        ", ".join(fresh) or "none",
+        ", ".join(fresh) or "nothing",
     )
     return fresh
 

@@ -22,12 +22,17 @@ GRID_H, GRID_W = 7, 11
 WINDOW = (4, 5)
 
 
-def tiny_model(seed: int = 0) -> GPT:
+def tiny_model(seed: int = 0, aligned: bool = False) -> GPT:
     torch.manual_seed(seed)
     config = GPTConfig(
-        image_vocab=32, cond_vocab=24, n_layer=2, n_head=2, n_embd=32, window_rows=4, window_cols=5
-    )
-    return GPT(config).eval()
+        image_vocab=32, cond_vocab=24, n_layer=2, n_head=2, n_embd=32, window_rows=4, window_cols=5,
+        aligned_condition=aligned,
+    )  # fmt: skip
+    model = GPT(config).eval()
+    if aligned:  # trained values, not the zero start, so the path changes the logits
+        with torch.no_grad():
+            model.aligned_embed.weight.normal_(0, 0.5)
+    return model
 
 
 def condition(batch: int = 2, grid_h: int = GRID_H, grid_w: int = GRID_W, seed: int = 1):
@@ -175,6 +180,21 @@ def test_cached_sampler_matches_naive_logits_and_tokens(stride):
     for position, logits in naive_logits.items():
         torch.testing.assert_close(cached_logits[position], logits, atol=1e-5, rtol=1e-5)
     assert torch.equal(cached_tokens, naive_tokens)
+
+
+@pytest.mark.parametrize("stride", [(1, 1), (2, 3)])
+def test_cached_sampler_matches_naive_with_the_aligned_condition(stride):
+    model, cond = tiny_model(aligned=True), guided_condition()
+    for options in (SamplingOptions(seed=5), SamplingOptions(seed=5, guidance=2.0)):
+        naive_tokens, naive_logits = sampled_with_logits(
+            model, cond, "naive", window=WINDOW, stride=stride, options=options
+        )
+        cached_tokens, cached_logits = sampled_with_logits(
+            model, cond, "cached", window=WINDOW, stride=stride, options=options
+        )
+        for position, logits in naive_logits.items():
+            torch.testing.assert_close(cached_logits[position], logits, atol=1e-4, rtol=1e-4)
+        assert torch.equal(cached_tokens, naive_tokens)
 
 
 def test_cached_sampler_matches_naive_without_condition_grid():

@@ -207,3 +207,50 @@ def test_warm_start_from_another_shape_names_the_tensor(tmp_path):
     narrow = GPT(GPTConfig(32, vocabulary.size, 2, 2, 32, ROWS, COLS))
     with pytest.raises(CheckpointError, match="init needs the same layers, width and window"):
         warm_start(narrow, str(tmp_path / "wide"), vocabulary, {})
+
+
+def aligned_model(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    config = GPTConfig(32, 24, 2, 2, 32, ROWS, COLS, aligned_condition=True)
+    return GPT(config).eval()
+
+
+def test_aligned_condition_adds_each_targets_own_condition_to_the_input_before_it():
+    model = aligned_model()
+    with torch.no_grad():
+        model.aligned_embed.weight.copy_(torch.arange(24.0)[:, None].expand(24, 32))  # row i = i
+    prefix = torch.zeros(1, 1, dtype=torch.long)
+    cond = torch.arange(1, 21)[None]  # condition k is the id k + 1
+    image = torch.zeros(1, 5, dtype=torch.long)
+    with_path = model._embed(prefix, cond, image, ROWS, COLS)
+    model.aligned_embed.weight.data.zero_()
+    without = model._embed(prefix, cond, image, ROWS, COLS)
+    added = (with_path - without)[0, :, 0].round(decimals=4)  # the same in every channel
+    # the last condition position (sequence 20) predicts image 0, whose condition id is 1;
+    # image input k (sequence 21 + k) predicts image k + 1, whose condition id is k + 2
+    assert added[:21].tolist() == [0.0] * 20 + [1.0]  # the prefix and conditions 0..18: none
+    assert added[21:].tolist() == [2.0, 3.0, 4.0, 5.0, 6.0]
+
+
+def test_aligned_condition_starts_at_zero_so_the_model_computes_as_without_it():
+    plain = tiny_model()
+    aligned = aligned_model()
+    aligned.load_state_dict(plain.state_dict() | {"aligned_embed.weight": torch.zeros(24, 32)})
+    prefix, cond, image = window_tokens()
+    torch.testing.assert_close(
+        aligned(prefix, cond, image, ROWS, COLS), plain(prefix, cond, image, ROWS, COLS)
+    )
+
+
+def test_extend_with_an_aligned_condition_matches_the_full_forward():
+    model = aligned_model()
+    with torch.no_grad():
+        model.aligned_embed.weight.normal_(0, 0.5)
+    prefix, cond, image = window_tokens()
+    with torch.no_grad():
+        full = model(prefix, cond, image, ROWS, COLS)  # B, 20, V
+    cache = model.new_cache(2, ROWS, COLS, with_cond=True)
+    first = model.prefill(cache, prefix, cond, image[:, :7], ROWS, COLS)  # predicts image 7
+    torch.testing.assert_close(first, full[:, 7], atol=1e-5, rtol=1e-5)
+    rest = model.extend(cache, image[:, 7:12], 7, all_logits=True)  # predict images 8..12
+    torch.testing.assert_close(rest, full[:, 8:13], atol=1e-5, rtol=1e-5)
