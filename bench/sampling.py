@@ -51,6 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grid", type=_pair, default=(64, 64), help="token grid, rows x cols")
     parser.add_argument("--factor", type=int, default=16, help="VQGAN downsampling, for pixels")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument(
+        "--no-aligned",
+        dest="aligned",
+        action="store_false",
+        help="without the aligned condition path (the bundled model has it)",
+    )
     parser.add_argument("--naive-rows", type=int, default=2, help="grid rows the naive runs")
     parser.add_argument("--unconditional", action="store_true", help="no condition grid")
     parser.add_argument(
@@ -96,6 +102,7 @@ def build(args: argparse.Namespace) -> tuple[GPT, Condition]:
         n_embd=args.embd,
         window_rows=args.window[0],
         window_cols=args.window[1],
+        aligned_condition=args.aligned and not args.unconditional,
     )
     model = GPT(config).to(args.device, getattr(torch, args.dtype)).eval()
     grid_h, grid_w = args.grid
@@ -230,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
         "pixels": [args.grid[1] * args.factor, args.grid[0] * args.factor],  # width, height
         "batch": args.batch,
         "conditional": not args.unconditional,
+        "aligned_condition": model.config.aligned_condition,
         "threads": torch.get_num_threads(),
         "dtype": args.dtype,
         "guidance": args.guidance,
