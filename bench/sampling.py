@@ -89,7 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--vqgan", type=Path, default=None, help="image VQGAN checkpoint folder: also time decoding"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.unconditional and args.guidance != 1:
+        parser.error("--guidance needs a condition grid; drop --unconditional or --guidance")
+    return args
 
 
 def build(args: argparse.Namespace) -> tuple[GPT, Condition]:

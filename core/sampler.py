@@ -24,6 +24,9 @@ from core.transformer import GPT, CacheFeed, KVCache
 logger = logging.getLogger(__name__)
 
 
+MAX_GUIDANCE = 5.0  # the studio's slider, the CLI and restored PNG settings share this limit
+
+
 def default_stride(window: tuple[int, int]) -> tuple[int, int]:
     """Half the window in each direction: (ceil(rows / 2), cols // 2), at least 1.
 
@@ -62,8 +65,10 @@ class SamplingOptions:
             raise ValueError(f"top_k must be at least 1 (or None), got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (or None), got {self.top_p}")
-        if not 0 <= self.guidance <= 20:
-            raise ValueError(f"guidance must be between 0 and 20 (1 = none), got {self.guidance}")
+        if not 0 <= self.guidance <= MAX_GUIDANCE:
+            raise ValueError(
+                f"guidance must be between 0 and {MAX_GUIDANCE:g} (1 = none), got {self.guidance}"
+            )
 
 
 @dataclass

@@ -387,21 +387,33 @@ def _condition_rows(old: Vocabulary, new: Vocabulary, old_hashes: dict, new_hash
 
 
 CONDITION_TABLES = ("cond_embed.weight", "aligned_embed.weight")  # rows follow the vocabulary
+IMAGE_TABLES = ("image_embed.weight", "head.weight")  # rows follow the image VQGAN's codebook
 
 
 def warm_start(model: GPT, folder: str, vocabulary: Vocabulary, hashes: dict) -> list[str]:
     """Copy what still means the same from the transformer in `folder`; returns what started new.
 
     Every other tensor must have the same shape (the same layers, width and window); condition
-    rows are copied only for stages whose token hash is unchanged. An aligned condition table
-    the old model lacks stays at zero, so the model starts computing what the old one did.
+    rows are copied only for stages whose token hash is unchanged, and the image embedding and
+    head only when the image VQGAN's tokens are unchanged. An aligned condition table the old
+    model lacks stays at zero, so the model starts computing what the old one did.
     """
     checkpoint = load_checkpoint(folder, kind="transformer")
     old_vocabulary = Vocabulary.from_dict(checkpoint.extra["vocabulary"])
     new_ids, old_ids = _condition_rows(
         old_vocabulary, vocabulary, checkpoint.extra.get("stages", {}), hashes
     )
+    old_heads = checkpoint.model.get("n_head")
+    if old_heads != model.config.n_head:
+        raise CheckpointError(
+            f"config key 'init': {folder} has {old_heads} attention heads, this model "
+            f"{model.config.n_head}; init needs the same layers, heads, width and window"
+        )
+    old_image = checkpoint.extra.get("stages", {}).get("image")
+    same_image = bool(old_image) and old_image == hashes.get("image")
     fresh = [source for source, offset in vocabulary.offsets.items() if offset not in new_ids]
+    if not same_image:
+        fresh.append("image_embed and head (another image VQGAN)")
     fresh += [name for name in vocabulary.prefixes if vocabulary.prefix_id(name) not in new_ids]
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
@@ -411,8 +423,10 @@ def warm_start(model: GPT, folder: str, vocabulary: Vocabulary, hashes: dict) ->
                 if source is None:
                     fresh.append(name.removesuffix(".weight"))
                 else:
-                    tensor[new_ids] = source[old_ids].to(tensor.dtype)
+                    tensor[new_ids] = source[old_ids].to(tensor.device, tensor.dtype)
                 continue
+            if name in IMAGE_TABLES and not same_image:
+                continue  # other codebook entries: the fresh initialisation stays
             if source is None or source.shape != tensor.shape:
                 raise CheckpointError(
                     f"config key 'init': {folder} has no tensor '{name}' of shape "

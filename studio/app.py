@@ -24,6 +24,7 @@ from core.conditions import ConditionError
 from core.metadata import MetadataError, read_metadata
 from core.palette import LayoutError, Palette, flood_fill, ids_to_rgb
 from core.pipeline import GenerateRequest, InputError, Pipeline, Preview, Result
+from core.sampler import MAX_GUIDANCE
 from studio import canvas
 from studio.runs import (
     Run,
@@ -53,7 +54,6 @@ MODE_LABELS = {
 ANY_SCENE = "any"
 DEFAULT_SIZE = (512, 512)
 MAX_SAMPLES = 4
-MAX_GUIDANCE = 5.0
 DEFAULT_GUIDANCE = GenerateRequest.guidance  # the pipeline's default
 SEED_RANGE = 2**31 - 1
 PREVIEW_INTERVAL = 0.5  # seconds between previews inside one token row
@@ -586,6 +586,12 @@ class Studio:
                         f"{name}: the setting {key!r} holds {raw!r}, which is not a usable value."
                     ) from None
 
+            guidance = value("guidance", float, 1.0)
+            if not 0 <= guidance <= MAX_GUIDANCE:
+                raise MetadataError(
+                    f"{name}: its guidance {guidance:g} is outside 0–{MAX_GUIDANCE:g}; restore "
+                    "another PNG or set the guidance by hand."
+                )
             width, height = value("width", int), value("height", int)
             low, high = self.pipeline.factor, self.pipeline.max_side
             if not (low <= width <= high and low <= height <= high):
@@ -604,7 +610,7 @@ class Studio:
                 value("top_k", int, 0),
                 value("top_p", float, 1.0) or 1.0,
                 value("window", int, 0),
-                value("guidance", float, 1.0),
+                guidance,
                 value("num_samples", int, 1) or 1,
                 f"Restored the settings of {Path(path).name}{note}.",
             )
@@ -780,7 +786,7 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
                             value=DEFAULT_GUIDANCE,
                             step=0.25,
                             label="Guidance (layout, sketch; 1 = off)",
-                            info="How closely to follow the painting; twice the work above 1.",
+                            info="How closely to follow the painting; twice the work when not 1.",
                         )
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")

@@ -195,6 +195,58 @@ def test_warm_start_keeps_blocks_and_the_rows_of_unchanged_stages(tmp_path):
     assert torch.equal(new.cond_embed.weight[0:3], fresh_layout)
 
 
+def test_warm_start_after_another_image_vqgan_keeps_the_image_tables_fresh(tmp_path):
+    from core.checkpoint import save_checkpoint
+    from core.models import Vocabulary
+    from core.train_transformer import warm_start
+
+    vocabulary = Vocabulary.build({"image": 32, "edges": 4}, ["edges"])
+    torch.manual_seed(0)
+    old = GPT(GPTConfig(32, vocabulary.size, 2, 2, 32, ROWS, COLS))
+    extra = {"vocabulary": vocabulary.as_dict(), "stages": {"image": "i" * 64, "edges": "e" * 64}}
+    save_checkpoint(tmp_path / "old", "transformer", old.config, old.state_dict(), "", extra)
+    torch.manual_seed(1)
+    new = GPT(GPTConfig(32, vocabulary.size, 2, 2, 32, ROWS, COLS))
+    image_embed, head = new.image_embed.weight.clone(), new.head.weight.clone()
+
+    fresh = warm_start(
+        new, str(tmp_path / "old"), vocabulary, {"image": "j" * 64, "edges": "e" * 64}
+    )
+
+    assert "image_embed and head (another image VQGAN)" in fresh
+    assert torch.equal(new.image_embed.weight, image_embed)
+    assert torch.equal(new.head.weight, head)
+    assert torch.equal(new.blocks[0].attn.qkv.weight, old.blocks[0].attn.qkv.weight)
+
+
+def test_warm_start_into_an_aligned_model_computes_what_the_old_one_did(tmp_path):
+    from core.checkpoint import save_checkpoint
+    from core.models import Vocabulary
+    from core.train_transformer import warm_start
+
+    vocabulary = Vocabulary.build({"image": 32, "edges": 4}, ["edges"])
+    torch.manual_seed(0)
+    old = GPT(GPTConfig(32, vocabulary.size, 2, 2, 32, ROWS, COLS)).eval()
+    extra = {"vocabulary": vocabulary.as_dict(), "stages": {"image": "i" * 64, "edges": "e" * 64}}
+    save_checkpoint(tmp_path / "old", "transformer", old.config, old.state_dict(), "", extra)
+    torch.manual_seed(1)
+    config = GPTConfig(32, vocabulary.size, 2, 2, 32, ROWS, COLS, aligned_condition=True)
+    new = GPT(config).eval()
+
+    fresh = warm_start(
+        new, str(tmp_path / "old"), vocabulary, {"image": "i" * 64, "edges": "e" * 64}
+    )
+
+    assert fresh == ["aligned_embed"]
+    assert new.aligned_embed.weight.abs().max().item() == 0
+    prefix = torch.full((1, 1), vocabulary.prefix_id("task:edges"))
+    cond = torch.randint(0, 4, (1, ROWS * COLS))  # edges tokens sit at offset 0 here
+    image = torch.randint(0, 32, (1, 7))
+    torch.testing.assert_close(
+        new(prefix, cond, image, ROWS, COLS), old(prefix, cond, image, ROWS, COLS)
+    )
+
+
 def test_warm_start_from_another_shape_names_the_tensor(tmp_path):
     from core.checkpoint import CheckpointError, save_checkpoint
     from core.models import Vocabulary
@@ -235,7 +287,10 @@ def test_aligned_condition_adds_each_targets_own_condition_to_the_input_before_i
 def test_aligned_condition_starts_at_zero_so_the_model_computes_as_without_it():
     plain = tiny_model()
     aligned = aligned_model()
-    aligned.load_state_dict(plain.state_dict() | {"aligned_embed.weight": torch.zeros(24, 32)})
+    assert aligned.aligned_embed.weight.abs().max().item() == 0  # as constructed
+    # every other tensor taken from the plain model; the aligned table keeps its initial zeros
+    missing, unexpected = aligned.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["aligned_embed.weight"] and unexpected == []
     prefix, cond, image = window_tokens()
     torch.testing.assert_close(
         aligned(prefix, cond, image, ROWS, COLS), plain(prefix, cond, image, ROWS, COLS)
