@@ -337,3 +337,16 @@ def test_restore_names_a_setting_with_an_unusable_value(client, tmp_path: Path):
     )
     with pytest.raises(Exception, match="'seed' holds 'abc'"):
         client.predict(handle_file(str(path)), api_name="/restore")
+
+
+def test_restore_refuses_a_guidance_outside_the_studios_range(client, tmp_path: Path):
+    from gradio_client import handle_file
+
+    path = save_png(
+        np.zeros((16, 16, 3), np.uint8),
+        tmp_path / "strong.png",
+        {"mode": "layout", "width": 512, "height": 512, "seed": 1, "guidance": 8.0},
+        "tiny",
+    )
+    with pytest.raises(Exception, match="guidance 8 is outside 0–5"):
+        client.predict(handle_file(str(path)), api_name="/restore")
