@@ -400,17 +400,15 @@ def warm_start(model: GPT, folder: str, vocabulary: Vocabulary, hashes: dict) ->
     """
     checkpoint = load_checkpoint(folder, kind="transformer")
     old_vocabulary = Vocabulary.from_dict(checkpoint.extra["vocabulary"])
-    new_ids, old_ids = _condition_rows(
-        old_vocabulary, vocabulary, checkpoint.extra.get("stages", {}), hashes
-    )
+    old_hashes = checkpoint.extra.get("stages", {})
+    new_ids, old_ids = _condition_rows(old_vocabulary, vocabulary, old_hashes, hashes)
     old_heads = checkpoint.model.get("n_head")
     if old_heads != model.config.n_head:
         raise CheckpointError(
             f"config key 'init': {folder} has {old_heads} attention heads, this model "
             f"{model.config.n_head}; init needs the same layers, heads, width and window"
         )
-    old_image = checkpoint.extra.get("stages", {}).get("image")
-    same_image = bool(old_image) and old_image == hashes.get("image")
+    same_image = bool(old_hashes.get("image")) and old_hashes.get("image") == hashes.get("image")
     fresh = [source for source, offset in vocabulary.offsets.items() if offset not in new_ids]
     if not same_image:
         fresh.append("image_embed and head (another image VQGAN)")

@@ -195,16 +195,23 @@ def test_warm_start_keeps_blocks_and_the_rows_of_unchanged_stages(tmp_path):
     assert torch.equal(new.cond_embed.weight[0:3], fresh_layout)
 
 
-def test_warm_start_after_another_image_vqgan_keeps_the_image_tables_fresh(tmp_path):
+def saved_edges_model(tmp_path) -> tuple:
+    """A plain model knowing image and edges tokens, saved as the transformer `tmp_path/old`."""
     from core.checkpoint import save_checkpoint
     from core.models import Vocabulary
-    from core.train_transformer import warm_start
 
     vocabulary = Vocabulary.build({"image": 32, "edges": 4}, ["edges"])
     torch.manual_seed(0)
-    old = GPT(GPTConfig(32, vocabulary.size, 2, 2, 32, ROWS, COLS))
+    old = GPT(GPTConfig(32, vocabulary.size, 2, 2, 32, ROWS, COLS)).eval()
     extra = {"vocabulary": vocabulary.as_dict(), "stages": {"image": "i" * 64, "edges": "e" * 64}}
     save_checkpoint(tmp_path / "old", "transformer", old.config, old.state_dict(), "", extra)
+    return old, vocabulary
+
+
+def test_warm_start_after_another_image_vqgan_keeps_the_image_tables_fresh(tmp_path):
+    from core.train_transformer import warm_start
+
+    old, vocabulary = saved_edges_model(tmp_path)
     torch.manual_seed(1)
     new = GPT(GPTConfig(32, vocabulary.size, 2, 2, 32, ROWS, COLS))
     image_embed, head = new.image_embed.weight.clone(), new.head.weight.clone()
@@ -220,15 +227,9 @@ def test_warm_start_after_another_image_vqgan_keeps_the_image_tables_fresh(tmp_p
 
 
 def test_warm_start_into_an_aligned_model_computes_what_the_old_one_did(tmp_path):
-    from core.checkpoint import save_checkpoint
-    from core.models import Vocabulary
     from core.train_transformer import warm_start
 
-    vocabulary = Vocabulary.build({"image": 32, "edges": 4}, ["edges"])
-    torch.manual_seed(0)
-    old = GPT(GPTConfig(32, vocabulary.size, 2, 2, 32, ROWS, COLS)).eval()
-    extra = {"vocabulary": vocabulary.as_dict(), "stages": {"image": "i" * 64, "edges": "e" * 64}}
-    save_checkpoint(tmp_path / "old", "transformer", old.config, old.state_dict(), "", extra)
+    old, vocabulary = saved_edges_model(tmp_path)
     torch.manual_seed(1)
     config = GPTConfig(32, vocabulary.size, 2, 2, 32, ROWS, COLS, aligned_condition=True)
     new = GPT(config).eval()
