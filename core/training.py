@@ -100,19 +100,39 @@ def setup_distributed(timeout_s: int) -> Distributed:
 
 
 def average_gradients(parameters, dist_info: Distributed) -> None:
-    """Average .grad over ranks so every rank takes the same optimizer step."""
+    """Average .grad over ranks so every rank takes the same optimizer step.
+
+    A parameter one rank did not use this step (its batch had another task, say) has no .grad
+    there: it counts as zero in the average, and stays without a gradient only where no rank
+    used it, so every rank sends the same-sized buffer and steps the same parameters.
+    """
     if dist_info.world == 1:
         return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
+    trained = [p for p in parameters if p.requires_grad]
+    if not trained:
         return
-    flat = torch.cat([g.flatten() for g in grads])
+    device = trained[0].device
+    used = torch.tensor([p.grad is not None for p in trained], dtype=torch.float32, device=device)
+    flat = torch.cat(
+        [used]
+        + [
+            (p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float()
+            for p in trained
+        ]
+    )
     dist.all_reduce(flat)
-    flat /= dist_info.world
+    used_anywhere = flat[: len(trained)] > 0
+    flat = flat[len(trained) :] / dist_info.world
     offset = 0
-    for grad in grads:
-        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-        offset += grad.numel()
+    for parameter, anywhere in zip(trained, used_anywhere.tolist(), strict=True):
+        count = parameter.numel()
+        if anywhere:
+            average = flat[offset : offset + count].view_as(parameter).to(parameter.dtype)
+            if parameter.grad is None:
+                parameter.grad = average.clone()
+            else:
+                parameter.grad.copy_(average)
+        offset += count
 
 
 def broadcast_(tensor: torch.Tensor, dist_info: Distributed) -> None:

@@ -207,3 +207,38 @@ def test_a_taken_port_ends_the_job_with_a_message(tmp_path):
     assert "Traceback" not in result.stderr
     assert "address already in use" in result.stderr.lower()
     assert "check that every rank started and that MASTER_PORT is free" in result.stderr
+
+
+def _average_unused_gradients(rank: int, store: str, results: str) -> None:
+    """One gloo rank of the test below: rank 0 used a and b this step, rank 1 used a and c."""
+    from core.training import Distributed, average_gradients
+
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=2
+    )
+    try:
+        a, b, c, d = (torch.nn.Parameter(torch.zeros(2)) for _ in range(4))
+        if rank == 0:
+            a.grad, b.grad = torch.full((2,), 1.0), torch.full((2,), 4.0)
+        else:
+            a.grad, c.grad = torch.full((2,), 3.0), torch.full((2,), 6.0)
+        average_gradients([a, b, c, d], Distributed(rank=rank, world=2))
+        grads = {
+            name: None if p.grad is None else p.grad.tolist()
+            for name, p in zip("abcd", (a, b, c, d), strict=True)
+        }
+        Path(results, f"rank{rank}.json").write_text(json.dumps(grads))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_parameter_one_rank_did_not_use_is_averaged_as_zero_there(tmp_path):
+    # Each rank's transformer batch has its own task, so a condition table one rank used can be
+    # untouched (no .grad) on the other; the ranks must still exchange equal-sized buffers.
+    torch.multiprocessing.spawn(
+        _average_unused_gradients, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2
+    )
+
+    for rank in (0, 1):
+        grads = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert grads == {"a": [2.0, 2.0], "b": [2.0, 2.0], "c": [3.0, 3.0], "d": None}
