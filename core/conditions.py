@@ -366,6 +366,20 @@ def sketch_to_edges(image: np.ndarray | Image.Image, min_contrast: int = 24) -> 
     return _thin(strokes) * np.uint8(255)
 
 
+def resize_edges(edges: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Thin edges (uint8 {0, 255}) at width × height, every line kept.
+
+    Shrinking uses area scaling, where any covered pixel stays an edge, then thins again; a
+    nearest-neighbour shrink would drop most one-pixel lines. Growing repeats pixels.
+    """
+    if edges.shape[:2] == (height, width):
+        return edges
+    if width >= edges.shape[1] and height >= edges.shape[0]:
+        return cv2.resize(edges, (width, height), interpolation=cv2.INTER_NEAREST)
+    covered = cv2.resize(edges, (width, height), interpolation=cv2.INTER_AREA) > 0
+    return _thin(covered.astype(np.uint8)) * np.uint8(255)
+
+
 def load_human_edges(path: str | Path, threshold: float = 0.25) -> np.ndarray:
     """A BSDS500 soft boundary map (0–255, mean of annotators) as thin uint8 {0, 255} edges.
 

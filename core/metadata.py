@@ -42,6 +42,7 @@ REQUEST_FIELDS = (
     "guidance",
     "window",
     "num_samples",
+    "compose",
 )
 
 

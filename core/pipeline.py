@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from core.checkpoint import CheckpointError, read_manifest
 from core.condition_stages import condition_input
@@ -29,6 +30,7 @@ from core.conditions import (
     back_project,
     depth_from_array,
     estimate_depth_from_layout,
+    resize_edges,
     sketch_to_edges,
     upsample_bicubic,
 )
@@ -55,6 +57,10 @@ STAGE_ROLES = ("layout", "edges", "depth")
 # Modes with an empty condition to guide away from (depth and photos have none).
 GUIDED_TASKS = ("layout", "edges")
 DECODE_TILE = 32  # tokens per side of a decoder tile: bounded memory at any output size
+# Composing (GenerateRequest.compose): the bundled transformer learnt from photos 160 px high, so
+# a picture much higher than that gets photo-sized detail repeated over a painted region. A
+# taller picture is therefore composed between these heights, then enlarged with superres.
+COMPOSE_HEIGHTS = (192, 320)
 
 
 class InputError(ValueError):
@@ -78,6 +84,9 @@ class GenerateRequest:
     guidance: float = 3.0
     window: int | None = None  # window rows in tokens; None = the model's trained window
     num_samples: int = 1
+    # Above COMPOSE_HEIGHTS[1] px: sample a picture 192–320 px high, enlarge it ×4 (×8 past
+    # 1280 px) with the superres task, and scale that to the size (see Pipeline.compose_plan).
+    compose: bool = False
 
 
 @dataclass
@@ -288,7 +297,8 @@ class Pipeline:
                 edges = sketch_to_edges(condition) if condition.ndim == 3 else condition
                 if not (edges > 0).any():
                     raise InputError("the sketch is empty: draw some lines first")
-                return _resize_nearest(edges.astype(np.uint8), width, height)
+                edges = np.where(edges > 0, np.uint8(255), np.uint8(0))
+                return resize_edges(edges, width, height)
             if mode == "depth":
                 depth = depth_from_array(condition.astype(np.float32))
                 return upsample_bicubic(depth, (width, height)).clip(0, 1)
@@ -352,7 +362,119 @@ class Pipeline:
         self, request: GenerateRequest, stop: threading.Event | None = None
     ) -> Iterator[Preview | Result]:
         """Stream previews (at least one per token row), then a Result with the final images."""
+        plan = self.compose_plan(request) if request.compose else None
+        if plan is not None:  # both checks happen now, as in a direct run
+            self._check_request(request)
+            small = replace(request, width=plan[0], height=plan[1], compose=False)
+            return self._composed(request, plan, self._sample(small, None, None, stop), stop)
         return self._sample(request, None, None, stop)
+
+    def compose_plan(self, request: GenerateRequest) -> tuple[int, int, int] | None:
+        """(small width, small height, enlargement) when composing request's size; None when the
+        picture is sampled directly (low enough already, superres mode, or no superres task)."""
+        low, high = COMPOSE_HEIGHTS
+        if request.mode == "superres" or request.height <= high:
+            return None
+        f, tasks = self.factor, self.vocabulary.tasks()
+        for enlarge in (4, 8):
+            if f"superres{enlarge}" not in tasks:
+                continue
+            small_h = max(low, -(-request.height // (enlarge * f)) * f)
+            if small_h > high:
+                continue
+            small_w = round(request.width * small_h / (request.height * f)) * f  # aspect kept
+            small_w = max(f, min(small_w, self.max_side // (enlarge * f) * f))
+            return small_w, small_h, enlarge
+        return None
+
+    def _composed(self, request, plan, first_pass, stop) -> Iterator[Preview | Result]:
+        """Sample a small picture, enlarge each with superres, scale to the size (compose=True).
+
+        Previews of both passes come at the requested size; counts cover both passes. The
+        result's tokens are the final image's own, so it can be resampled and extended.
+        """
+        small_w, small_h, enlarge = plan
+        width, height = request.width, request.height
+        started = time.monotonic()
+        f, batch = self.factor, request.num_samples
+        small_rows, big_rows = small_h // f, small_h * enlarge // f
+        small_tokens = small_rows * (small_w // f)
+        big_tokens = big_rows * (small_w * enlarge // f)
+        rows_total = small_rows + batch * big_rows
+        tokens_total = small_tokens + batch * big_tokens
+
+        def shown(images, done_rows, done_tokens, eta):
+            return Preview(
+                [_fit(image, width, height) for image in images],
+                done_rows,
+                rows_total,
+                done_tokens,
+                tokens_total,
+                time.monotonic() - started,
+                eta,
+            )
+
+        first = None
+        for event in first_pass:
+            if isinstance(event, Result):
+                first = event
+                break
+            rate = event.elapsed / max(event.tokens_done, 1)  # guided: about twice enlarging's
+            eta = event.eta + rate * batch * big_tokens / 2
+            yield shown(event.images, event.rows_done, event.tokens_done, eta)
+        frames = [_fit(frame, width, height) for frame in first.frames]
+        finals = [None] * batch
+        stopped = first.stopped
+        for index, small in enumerate(first.images):
+            if stopped:
+                break
+            enlarge_request = GenerateRequest(
+                mode="superres",
+                condition=small,
+                superres_factor=enlarge,
+                seed=request.seed + index,
+                temperature=request.temperature,
+                top_k=request.top_k,
+                top_p=request.top_p,
+                window=request.window,
+            )
+            done_rows = small_rows + index * big_rows
+            done_tokens = small_tokens + index * big_tokens
+            for event in self._sample(enlarge_request, None, None, stop):
+                if isinstance(event, Result):
+                    finals[index], stopped = event.images[0], event.stopped
+                    if index == 0:
+                        frames += [_fit(frame, width, height) for frame in event.frames]
+                    break
+                later = (batch - index - 1) * big_tokens * event.elapsed / max(event.tokens_done, 1)
+                yield shown(
+                    event.images,
+                    done_rows + event.rows_done,
+                    done_tokens + event.tokens_done,
+                    event.eta + later,
+                )
+        images = [
+            _fit(final if final is not None else small, width, height, smooth=True)
+            for final, small in zip(finals, first.images, strict=True)
+        ]
+        yield Result(
+            images,
+            self.encode(images),
+            frames,
+            self.settings(request, width, height),
+            stopped,
+            time.monotonic() - started,
+            {"composed": first.images, "compose_plan": plan},
+        )
+
+    @torch.no_grad()
+    def encode(self, images: list[np.ndarray]) -> np.ndarray:
+        """The image VQGAN's tokens of same-sized images (padded by the padding rule): B × h × w."""
+        height, width = images[0].shape[:2]
+        grid = grid_for_pixels(width, height, self.factor)
+        padded = [_pad_to(image, grid.padded_height, grid.padded_width) for image in images]
+        tile = 512 if max(grid.padded_height, grid.padded_width) > 1024 else None
+        return self.image_model.encode_indices(to_tensor(padded), tile=tile).cpu().numpy()
 
     def resample(
         self,
@@ -531,6 +653,14 @@ class Pipeline:
             return estimate_depth_from_layout(np.asarray(layout_ids), self.palette)
         except ConditionError as error:
             raise InputError(str(error)) from None
+
+
+def _fit(image: np.ndarray, width: int, height: int, smooth: bool = False) -> np.ndarray:
+    """An RGB picture at width × height: Lanczos when smooth, else nearest (cheap previews)."""
+    if image.shape[:2] == (height, width):
+        return image
+    resample = Image.Resampling.LANCZOS if smooth else Image.Resampling.NEAREST
+    return np.asarray(Image.fromarray(image).resize((width, height), resample))
 
 
 def _resize_nearest(array: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -32,7 +32,7 @@ from core.conditions import (
     downsample,
     edge_f_score,
     load_human_edges,
-    sketch_to_edges,
+    resize_edges,
     upsample_bicubic,
 )
 from core.config import ConfigError
@@ -158,9 +158,7 @@ def resize_ids(ids: np.ndarray, width: int, height: int) -> np.ndarray:
 def scaled_human_edges(path: Path, width: int, height: int) -> np.ndarray:
     """BSDS500 human edges (thinned at their own size), scaled to width × height and thinned
     again: area scaling keeps every line (a nearest-neighbour resize would break thin ones)."""
-    edges = load_human_edges(path)
-    covered = cv2.resize(edges, (width, height), interpolation=cv2.INTER_AREA) > 0
-    return sketch_to_edges(covered.astype(np.uint8) * np.uint8(255))
+    return resize_edges(load_human_edges(path), width, height)
 
 
 # ----------------------------------------------------------------------------- generation

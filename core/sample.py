@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="layout and sketch: how closely to follow the condition (1 = plain sampling; "
         f"default {GenerateRequest.guidance:g})",
     )
+    parser.add_argument(
+        "--compose",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="over 320 px high: compose a picture 192–320 px high (the scale of the training "
+        "photos), then enlarge it with superres (default); --no-compose samples the size directly",
+    )
     parser.add_argument("--samples", type=int, default=1, help="images to make at once")
     parser.add_argument("--checkpoints", default="checkpoints", help="model bundle folder")
     parser.add_argument("--out", default="samples", help="folder for the PNGs (default: samples/)")
@@ -109,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             top_p=args.top_p,
             window=args.window,
             guidance=args.guidance,
+            compose=args.compose,
             num_samples=args.samples,
         )
         bar = None

@@ -24,7 +24,7 @@ from core.transformer import GPT, CacheFeed, KVCache
 logger = logging.getLogger(__name__)
 
 
-MAX_GUIDANCE = 5.0  # the studio's slider, the CLI and restored PNG settings share this limit
+MAX_GUIDANCE = 8.0  # the studio's slider, the CLI and restored PNG settings share this limit
 
 
 def default_stride(window: tuple[int, int]) -> tuple[int, int]:

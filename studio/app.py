@@ -23,7 +23,14 @@ import numpy as np
 from core.conditions import ConditionError
 from core.metadata import MetadataError, read_metadata
 from core.palette import LayoutError, Palette, flood_fill, ids_to_rgb
-from core.pipeline import GenerateRequest, InputError, Pipeline, Preview, Result
+from core.pipeline import (
+    COMPOSE_HEIGHTS,
+    GenerateRequest,
+    InputError,
+    Pipeline,
+    Preview,
+    Result,
+)
 from core.sampler import MAX_GUIDANCE
 from studio import canvas
 from studio.runs import (
@@ -216,6 +223,7 @@ class Studio:
         window: float | None,
         guidance: float | None,
         num_samples: float | None,
+        compose: bool | None = False,
     ) -> GenerateRequest:
         """A GenerateRequest from the values of every control."""
         if mode not in self.pipeline.modes:
@@ -242,6 +250,7 @@ class Studio:
             scene=None if mode != "free" or scene in (None, ANY_SCENE) else scene,
             superres_factor=factor,
             num_samples=samples,
+            compose=bool(compose) and mode != "superres",
             **options,
         )
 
@@ -332,6 +341,7 @@ class Studio:
         window: float | None,
         guidance: float | None,
         num_samples: float | None,
+        compose: bool | None,
         runs: list[Run],
         request: gr.Request,
     ) -> Iterator[tuple]:
@@ -354,6 +364,7 @@ class Studio:
                 window,
                 guidance,
                 num_samples,
+                compose,
             )
             stop = self.switches.start(request.session_hash)
             try:
@@ -592,6 +603,11 @@ class Studio:
                     f"{name}: its guidance {guidance:g} is outside 0–{MAX_GUIDANCE:g}; restore "
                     "another PNG or set the guidance by hand."
                 )
+            compose = request.get("compose", False)  # PNGs from before composing: direct
+            if not isinstance(compose, bool):
+                raise MetadataError(
+                    f"{name}: the setting 'compose' holds {compose!r}, which is not true or false."
+                )
             width, height = value("width", int), value("height", int)
             low, high = self.pipeline.factor, self.pipeline.max_side
             if not (low <= width <= high and low <= height <= high):
@@ -612,6 +628,7 @@ class Studio:
                 value("window", int, 0),
                 guidance,
                 value("num_samples", int, 1) or 1,
+                compose,
                 f"Restored the settings of {Path(path).name}{note}.",
             )
 
@@ -788,6 +805,16 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
                             label="Guidance (layout, sketch; 1 = off)",
                             info="How closely to follow the painting; twice the work when not 1.",
                         )
+                    compose = gr.Checkbox(
+                        value=True,
+                        label="Compose at photo scale, then enlarge",
+                        info=(
+                            f"Pictures over {COMPOSE_HEIGHTS[1]} px high: the model composes one "
+                            f"{COMPOSE_HEIGHTS[0]}–{COMPOSE_HEIGHTS[1]} px high, the scale of its "
+                            "training photos, then enlarges it with its superres mode. Off: it "
+                            "samples the full size directly, repeating photo-sized detail."
+                        ),
+                    )
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -852,7 +879,7 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
 
         # --- events ---------------------------------------------------------------------
         controls = [mode, layout, sketch, depth, photo, factor, scene, width, height]
-        controls += [seed, temperature, top_k, top_p, window, guidance, samples]
+        controls += [seed, temperature, top_k, top_p, window, guidance, samples, compose]
         sampling = [seed, temperature, top_k, top_p, window, guidance]
         run_outputs = [preview, status, gallery, runs, selected, downloads, mask]
         run_options = dict(
@@ -999,6 +1026,7 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
                 window,
                 guidance,
                 samples,
+                compose,
                 status,
             ],
             api_name="restore",

@@ -414,3 +414,11 @@ def test_size_below_one_token_is_refused_naming_the_minimum():
 def test_sampling_options_refuse_zero_temperature():
     with pytest.raises(ValueError, match="greedy=True"):
         SamplingOptions(temperature=0.0)
+
+
+def test_sampling_options_take_guidance_from_0_to_8():
+    assert SamplingOptions(guidance=8.0).guidance == 8.0
+    assert SamplingOptions(guidance=0.0).guidance == 0.0
+    for outside in (-0.5, 8.5):
+        with pytest.raises(ValueError, match="between 0 and 8"):
+            SamplingOptions(guidance=outside)

@@ -228,7 +228,9 @@ def layout_file(tmp_path: Path, size: int) -> Path:
     return path
 
 
-def generate_args(canvas_path: Path | None, size: int, seed: int = 7) -> list:
+def generate_args(
+    canvas_path: Path | None, size: int, seed: int = 7, compose: bool = False
+) -> list:
     from gradio_client import handle_file
 
     layout = None
@@ -239,9 +241,10 @@ def generate_args(canvas_path: Path | None, size: int, seed: int = 7) -> list:
             "composite": handle_file(str(canvas_path)),
         }
     # mode, layout, sketch, depth, photo, superres_factor, scene, width, height,
-    # seed, temperature, top_k, top_p, window, guidance, num_samples
+    # seed, temperature, top_k, top_p, window, guidance, num_samples, compose
     return [
-        "layout", layout, None, None, None, 4, "any", size, size, seed, 1.0, 100, 1.0, 0, 1.5, 1
+        "layout", layout, None, None, None, 4, "any", size, size, seed, 1.0, 100, 1.0, 0, 1.5, 1,
+        compose,
     ]  # fmt: skip
 
 
@@ -265,8 +268,8 @@ def test_generate_streams_previews_and_the_png_restores_its_settings(client, tmp
 
     restored = client.predict(handle_file(result_png), api_name="/restore")
     # mode, width, height, scene, superres_factor, seed, temperature, top_k, top_p, window,
-    # guidance, num_samples, status
-    assert restored[:12] == ("layout", 128, 128, "any", 4, 7, 1.0, 100, 1.0, 0, 1.5, 1)
+    # guidance, num_samples, compose, status
+    assert restored[:13] == ("layout", 128, 128, "any", 4, 7, 1.0, 100, 1.0, 0, 1.5, 1, False)
 
 
 def test_empty_canvas_gives_the_user_a_message(client):
@@ -345,8 +348,35 @@ def test_restore_refuses_a_guidance_outside_the_studios_range(client, tmp_path: 
     path = save_png(
         np.zeros((16, 16, 3), np.uint8),
         tmp_path / "strong.png",
-        {"mode": "layout", "width": 512, "height": 512, "seed": 1, "guidance": 8.0},
+        {"mode": "layout", "width": 512, "height": 512, "seed": 1, "guidance": 9.0},
         "tiny",
     )
-    with pytest.raises(Exception, match="guidance 8 is outside 0–5"):
+    with pytest.raises(Exception, match="guidance 9 is outside 0–8"):
+        client.predict(handle_file(str(path)), api_name="/restore")
+
+
+def test_a_composed_run_keeps_its_size_and_restores_compose(client, tmp_path: Path):
+    from gradio_client import handle_file
+
+    args = generate_args(layout_file(tmp_path, 64), 384, seed=2, compose=True)
+    _, status, _, downloads, _ = client.predict(*args, api_name="/generate")
+
+    assert "done" in status
+    result_png = downloads[0]
+    assert Image.open(result_png).size == (384, 384)
+    assert read_metadata(result_png)["request"]["compose"] is True
+    restored = client.predict(handle_file(result_png), api_name="/restore")
+    assert restored[12] is True
+
+
+def test_restore_refuses_a_compose_setting_that_is_not_true_or_false(client, tmp_path: Path):
+    from gradio_client import handle_file
+
+    path = save_png(
+        np.zeros((16, 16, 3), np.uint8),
+        tmp_path / "odd-compose.png",
+        {"mode": "layout", "width": 512, "height": 512, "seed": 1, "compose": "yes"},
+        "tiny",
+    )
+    with pytest.raises(Exception, match="'compose' holds 'yes'"):
         client.predict(handle_file(str(path)), api_name="/restore")

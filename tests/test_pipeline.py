@@ -1,0 +1,89 @@
+"""Composing: a tall picture is sampled at photo scale, then enlarged with superres."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.conditions import resize_edges
+from core.pipeline import GenerateRequest, InputError, Pipeline, Preview, Result
+
+
+@pytest.fixture(scope="module")
+def pipeline() -> Pipeline:
+    return Pipeline.tiny()
+
+
+def layout(width: int, height: int) -> np.ndarray:
+    ids = np.full((height, width), 1, dtype=np.int64)  # sky
+    ids[height // 2 :] = 7  # water
+    return ids
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "plan"),
+    [
+        (1280, 832, (320, 208, 4)),  # 832 / 4 = 208 px: already in 192–320
+        (512, 512, (192, 192, 4)),  # 512 / 4 = 128 is too small: 192, then scaled down
+        (1024, 576, (336, 192, 4)),  # width 1024 × 192 / 576 = 341.3 → 336, the nearest token
+        (2048, 2048, (256, 256, 8)),  # ×4 would compose 512 px high: ×8 instead
+        (480, 320, None),  # at most 320 px high: sampled directly
+    ],
+)
+def test_compose_plan_keeps_the_small_picture_192_to_320_px_high(pipeline, width, height, plan):
+    request = GenerateRequest("layout", width=width, height=height, compose=True)
+    assert pipeline.compose_plan(request) == plan
+
+
+def test_compose_plan_leaves_superres_alone(pipeline):
+    assert pipeline.compose_plan(GenerateRequest("superres", width=1024, height=1024)) is None
+
+
+def test_a_composed_picture_streams_both_passes_at_the_requested_size(pipeline):
+    width, height = 512, 384  # composed 256 × 192, enlarged ×4 to 1024 × 768, scaled to the size
+    request = GenerateRequest("layout", width, height, layout(width, height), seed=3, compose=True)
+
+    events = list(pipeline.generate(request))
+
+    previews, result = events[:-1], events[-1]
+    assert isinstance(result, Result) and all(isinstance(e, Preview) for e in previews)
+    assert {p.images[0].shape for p in previews} == {(height, width, 3)}
+    assert previews[-1].rows_total == 192 // 16 + 768 // 16
+    assert previews[-1].tokens_total == 12 * 16 + 48 * 64
+    assert [p.rows_done for p in previews] == sorted(p.rows_done for p in previews)
+    assert result.extra["composed"][0].shape == (192, 256, 3)
+    assert result.images[0].shape == (height, width, 3)
+    assert result.tokens.shape == (1, height // 16, width // 16)  # the final image's own tokens
+    assert result.settings["compose"] is True
+    assert {frame.shape for frame in result.frames} == {(height, width, 3)}
+    # superres is back-projected onto the composed picture, so shrunk back they nearly agree
+    shrunk = np.asarray(Image.fromarray(result.images[0]).resize((256, 192), Image.LANCZOS))
+    difference = np.abs(shrunk.astype(int) - result.extra["composed"][0].astype(int)).mean()
+    assert difference < 8
+
+
+def test_without_compose_the_size_is_sampled_directly(pipeline):
+    request = GenerateRequest("layout", 512, 384, layout(512, 384), seed=3)
+
+    result = list(pipeline.generate(request))[-1]
+
+    assert "composed" not in result.extra
+    assert result.settings["compose"] is False
+
+
+def test_a_too_large_composed_request_is_refused_before_sampling(pipeline):
+    request = GenerateRequest("layout", 4096, 512, layout(64, 64), compose=True)
+    with pytest.raises(InputError, match="width must be between"):
+        pipeline.generate(request)
+
+
+def test_shrinking_a_sketch_keeps_its_one_pixel_lines():
+    edges = np.zeros((64, 64), dtype=np.uint8)
+    edges[:, 5] = 255  # a nearest-neighbour shrink ×4 samples columns 0, 4, 8, …: lost
+
+    small = resize_edges(edges, 16, 16)
+
+    assert small.dtype == np.uint8 and set(np.unique(small)) == {0, 255}
+    assert (small[:, 1] == 255).sum() >= 14  # the line, thinned (its ends may shorten)
+    assert (small[:, [0, 2, 3]] == 0).all()
