@@ -98,6 +98,7 @@ class Preview:
     tokens_total: int
     elapsed: float
     eta: float
+    stage: str = ""  # composed runs: which pass ("composing 320×208", "enlarging ×4")
 
 
 @dataclass
@@ -403,7 +404,7 @@ class Pipeline:
         rows_total = small_rows + batch * big_rows
         tokens_total = small_tokens + batch * big_tokens
 
-        def shown(images, done_rows, done_tokens, eta):
+        def shown(images, done_rows, done_tokens, eta, stage):
             return Preview(
                 [_fit(image, width, height) for image in images],
                 done_rows,
@@ -412,7 +413,10 @@ class Pipeline:
                 tokens_total,
                 time.monotonic() - started,
                 eta,
+                stage,
             )
+
+        composing = f"composing {small_w}×{small_h}"
 
         first = None
         for event in first_pass:
@@ -421,7 +425,7 @@ class Pipeline:
                 break
             rate = event.elapsed / max(event.tokens_done, 1)  # guided: about twice enlarging's
             eta = event.eta + rate * batch * big_tokens / 2
-            yield shown(event.images, event.rows_done, event.tokens_done, eta)
+            yield shown(event.images, event.rows_done, event.tokens_done, eta, composing)
         frames = [_fit(frame, width, height) for frame in first.frames]
         finals = [None] * batch
         stopped = first.stopped
@@ -452,6 +456,7 @@ class Pipeline:
                     done_rows + event.rows_done,
                     done_tokens + event.tokens_done,
                     event.eta + later,
+                    f"enlarging ×{enlarge}" + (f", sample {index + 1}" if batch > 1 else ""),
                 )
         images = [
             _fit(final if final is not None else small, width, height, smooth=True)

@@ -174,6 +174,7 @@ class ReportSettings:
     temperature: float = 1.0
     top_k: int | None = 100
     guidance: float = GenerateRequest.guidance  # the studio's default (layout and sketch)
+    compose: bool = False  # layouts, sketches, free: compose at photo scale, then enlarge
 
 
 @dataclass
@@ -217,6 +218,7 @@ class ImageGenerator:
             seed=self.settings.seed + seed_offset,
             temperature=self.settings.temperature,
             guidance=self.settings.guidance,
+            compose=self.settings.compose and mode != "superres",
             top_k=self.settings.top_k,
             **options,
         )
@@ -640,7 +642,12 @@ def markdown_report(report: dict, grid_name: str | None) -> str:
         f"{settings['height']} px high (aspect kept, width a multiple of the token size); "
         f"sources taken in turn; seed {settings['seed']} + photo number, temperature "
         f"{settings['temperature']}, top-k {settings['top_k']}, guidance "
-        f"{settings.get('guidance', 1.0)} (layout and sketch)",
+        f"{settings.get('guidance', 1.0)} (layout and sketch)"
+        + (
+            "; composed at photo scale, then enlarged (pictures over 320 px high)"
+            if settings.get("compose")
+            else ""
+        ),
     ]
     if report["model"]["tiny"]:
         lines += ["", "**Untrained tiny pipeline (`--tiny`): the numbers test the plumbing only.**"]
@@ -811,6 +818,11 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
         default=GenerateRequest.guidance,
         help="layout and sketch guidance (1 = plain sampling; default: the studio's)",
     )
+    parser.add_argument(
+        "--compose",
+        action="store_true",
+        help="compose pictures over 320 px high at photo scale, then enlarge (the studio's way)",
+    )
     parser.add_argument("--models", default=str(DEFAULT_MODELS), help="segmenter folder")
     parser.add_argument("--palette-sources", default=str(DEFAULT_PALETTE_SOURCES))
     parser.add_argument("--vqgan-json", help="JSON from `python -m core.evaluate vqgan --out`")
@@ -828,6 +840,7 @@ def evaluate_bundle(args: argparse.Namespace) -> dict:
         temperature=args.temperature,
         top_k=args.top_k or None,
         guidance=args.guidance,
+        compose=args.compose,
     )
     pipeline = Pipeline.tiny() if args.tiny else Pipeline.load(args.checkpoints)
     figures, examples = run_report(

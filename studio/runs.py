@@ -167,8 +167,9 @@ def format_duration(seconds: float) -> str:
 
 def progress_text(preview: Any, label: str = "Sampling") -> str:
     """Status line for a Preview: rows, tokens, time spent and left."""
+    stage = f" ({preview.stage})" if preview.stage else ""
     return (
-        f"**{label}** row {preview.rows_done} / {preview.rows_total} · "
+        f"**{label}**{stage} row {preview.rows_done} / {preview.rows_total} · "
         f"{preview.tokens_done:,} / {preview.tokens_total:,} tokens · "
         f"{format_duration(preview.elapsed)} elapsed · about {format_duration(preview.eta)} left"
     )

@@ -52,6 +52,8 @@ def test_a_composed_picture_streams_both_passes_at_the_requested_size(pipeline):
     assert previews[-1].rows_total == 192 // 16 + 768 // 16
     assert previews[-1].tokens_total == 12 * 16 + 48 * 64
     assert [p.rows_done for p in previews] == sorted(p.rows_done for p in previews)
+    stages = [p.stage for p in previews]
+    assert stages[0] == "composing 256×192" and stages[-1] == "enlarging ×4"
     assert result.extra["composed"][0].shape == (192, 256, 3)
     assert result.images[0].shape == (height, width, 3)
     assert result.tokens.shape == (1, height // 16, width // 16)  # the final image's own tokens
