@@ -152,7 +152,7 @@ def test_report_runs_end_to_end_with_the_tiny_pipeline(tmp_path, capsys):
 
     markdown = tmp_path / "REPORT.md"
     argv = ["--tiny", "--limit", "2", "--superres-limit", "1", "--bsds-limit", "1"]
-    assert main([*argv, "--out", str(markdown)]) == 0
+    assert main([*argv, "--painted-limit", "1", "--out", str(markdown)]) == 0
 
     printed = json.loads(capsys.readouterr().out)
     saved = json.loads((tmp_path / "REPORT.json").read_text())
@@ -163,8 +163,13 @@ def test_report_runs_end_to_end_with_the_tiny_pipeline(tmp_path, capsys):
     assert saved["superres"]["x4"]["photos"] == 1
     assert saved["frechet"]["images_per_set"] == 2
     assert saved["frechet"]["free_vs_real"] > 0
+    assert saved["painted"]["layouts"] == 1
+    for size in ("512x512", "1280x832"):
+        assert set(saved["painted"][size]) == {"direct", "composed"}
+        assert 0.0 <= saved["painted"][size]["composed"]["pixel_accuracy"] <= 1.0
     text = markdown.read_text()
     assert "Fréchet distance on EfficientNet-Lite0 features" in text
     assert "perceptual distance (SqueezeNet)" in text
     assert "(report_examples.png)" in text
+    assert "## Painted layouts" in text
     assert (tmp_path / "report_examples.png").is_file()

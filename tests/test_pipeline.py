@@ -89,3 +89,19 @@ def test_shrinking_a_sketch_keeps_its_one_pixel_lines():
     assert small.dtype == np.uint8 and set(np.unique(small)) == {0, 255}
     assert (small[:, 1] == 255).sum() >= 14  # the line, thinned (its ends may shorten)
     assert (small[:, [0, 2, 3]] == 0).all()
+
+
+def test_a_painted_lake_layout_stacks_sky_mountain_water_grass():
+    from core.palette import Palette
+    from core.report import painted_layout
+
+    palette = Palette.default()
+    ids = painted_layout(200, 100, np.random.default_rng(0), palette)
+
+    names = [palette.names[i] for i in (1, 2, 3, 5, 7)]
+    assert names == ["sky", "tree", "grass", "mountain", "water"]
+    assert ids.shape == (100, 200)
+    assert set(np.unique(ids)) == {1, 3, 5, 7}
+    for column in ids.T:  # top to bottom: sky, mountain, water, grass, each in one run
+        order = [int(v) for i, v in enumerate(column) if i == 0 or v != column[i - 1]]
+        assert order == [1, 5, 7, 3]
