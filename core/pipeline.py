@@ -58,8 +58,11 @@ STAGE_ROLES = ("layout", "edges", "depth")
 GUIDED_TASKS = ("layout", "edges")
 DECODE_TILE = 32  # tokens per side of a decoder tile: bounded memory at any output size
 # Composing (GenerateRequest.compose): the bundled transformer learnt from photos 160 px high, so
-# a picture much higher than that gets photo-sized detail repeated over a painted region. A
-# taller picture is therefore composed between these heights, then enlarged with superres.
+# a picture far higher than that gets photo-sized detail repeated over each painted region. A
+# picture over COMPOSE_ABOVE px high is therefore composed between COMPOSE_HEIGHTS, then
+# enlarged with superres. At 512 px direct sampling still holds together, and composing it at
+# 192 px loses narrow bands, so it starts above that.
+COMPOSE_ABOVE = 640
 COMPOSE_HEIGHTS = (192, 320)
 
 
@@ -84,7 +87,7 @@ class GenerateRequest:
     guidance: float = 3.0
     window: int | None = None  # window rows in tokens; None = the model's trained window
     num_samples: int = 1
-    # Above COMPOSE_HEIGHTS[1] px: sample a picture 192–320 px high, enlarge it ×4 (×8 past
+    # Over COMPOSE_ABOVE px high: sample a picture 192–320 px high, enlarge it ×4 (×8 past
     # 1280 px) with the superres task, and scale that to the size (see Pipeline.compose_plan).
     compose: bool = False
 
@@ -374,7 +377,7 @@ class Pipeline:
         """(small width, small height, enlargement) when composing request's size; None when the
         picture is sampled directly (low enough already, superres mode, or no superres task)."""
         low, high = COMPOSE_HEIGHTS
-        if request.mode == "superres" or request.height <= high:
+        if request.mode == "superres" or request.height <= COMPOSE_ABOVE:
             return None
         f, tasks = self.factor, self.vocabulary.tasks()
         for enlarge in (4, 8):

@@ -25,10 +25,11 @@ def layout(width: int, height: int) -> np.ndarray:
     ("width", "height", "plan"),
     [
         (1280, 832, (320, 208, 4)),  # 832 / 4 = 208 px: already in 192–320
-        (512, 512, (192, 192, 4)),  # 512 / 4 = 128 is too small: 192, then scaled down
-        (1024, 576, (336, 192, 4)),  # width 1024 × 192 / 576 = 341.3 → 336, the nearest token
+        (1024, 1024, (256, 256, 4)),
+        (1024, 704, (272, 192, 4)),  # 704 / 4 = 176 is too low: 192; width 1024 × 192 / 704
         (2048, 2048, (256, 256, 8)),  # ×4 would compose 512 px high: ×8 instead
-        (480, 320, None),  # at most 320 px high: sampled directly
+        (512, 512, None),  # at most 640 px high: sampled directly
+        (1280, 640, None),
     ],
 )
 def test_compose_plan_keeps_the_small_picture_192_to_320_px_high(pipeline, width, height, plan):
@@ -41,7 +42,7 @@ def test_compose_plan_leaves_superres_alone(pipeline):
 
 
 def test_a_composed_picture_streams_both_passes_at_the_requested_size(pipeline):
-    width, height = 512, 384  # composed 256 × 192, enlarged ×4 to 1024 × 768, scaled to the size
+    width, height = 256, 704  # composed 64 × 192, enlarged ×4 to 256 × 768, scaled to the size
     request = GenerateRequest("layout", width, height, layout(width, height), seed=3, compose=True)
 
     events = list(pipeline.generate(request))
@@ -50,23 +51,23 @@ def test_a_composed_picture_streams_both_passes_at_the_requested_size(pipeline):
     assert isinstance(result, Result) and all(isinstance(e, Preview) for e in previews)
     assert {p.images[0].shape for p in previews} == {(height, width, 3)}
     assert previews[-1].rows_total == 192 // 16 + 768 // 16
-    assert previews[-1].tokens_total == 12 * 16 + 48 * 64
+    assert previews[-1].tokens_total == 12 * 4 + 48 * 16
     assert [p.rows_done for p in previews] == sorted(p.rows_done for p in previews)
     stages = [p.stage for p in previews]
-    assert stages[0] == "composing 256×192" and stages[-1] == "enlarging ×4"
-    assert result.extra["composed"][0].shape == (192, 256, 3)
+    assert stages[0] == "composing 64×192" and stages[-1] == "enlarging ×4"
+    assert result.extra["composed"][0].shape == (192, 64, 3)
     assert result.images[0].shape == (height, width, 3)
     assert result.tokens.shape == (1, height // 16, width // 16)  # the final image's own tokens
     assert result.settings["compose"] is True
     assert {frame.shape for frame in result.frames} == {(height, width, 3)}
     # superres is back-projected onto the composed picture, so shrunk back they nearly agree
-    shrunk = np.asarray(Image.fromarray(result.images[0]).resize((256, 192), Image.LANCZOS))
+    shrunk = np.asarray(Image.fromarray(result.images[0]).resize((64, 192), Image.LANCZOS))
     difference = np.abs(shrunk.astype(int) - result.extra["composed"][0].astype(int)).mean()
     assert difference < 8
 
 
 def test_without_compose_the_size_is_sampled_directly(pipeline):
-    request = GenerateRequest("layout", 512, 384, layout(512, 384), seed=3)
+    request = GenerateRequest("layout", 256, 704, layout(256, 704), seed=3)
 
     result = list(pipeline.generate(request))[-1]
 

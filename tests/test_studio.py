@@ -358,12 +358,12 @@ def test_restore_refuses_a_guidance_outside_the_studios_range(client, tmp_path: 
 def test_a_composed_run_keeps_its_size_and_restores_compose(client, tmp_path: Path):
     from gradio_client import handle_file
 
-    args = generate_args(layout_file(tmp_path, 64), 384, seed=2, compose=True)
+    args = generate_args(layout_file(tmp_path, 64), 704, seed=2, compose=True)
     _, status, _, downloads, _ = client.predict(*args, api_name="/generate")
 
     assert "done" in status
     result_png = downloads[0]
-    assert Image.open(result_png).size == (384, 384)
+    assert Image.open(result_png).size == (704, 704)
     assert read_metadata(result_png)["request"]["compose"] is True
     restored = client.predict(handle_file(result_png), api_name="/restore")
     assert restored[12] is True
