@@ -82,9 +82,9 @@ class GenerateRequest:
     temperature: float = 1.0
     top_k: int | None = 100
     top_p: float | None = None
-    # classifier-free guidance in layout and sketch modes (1 = none); 3 kept more of val layouts
-    # than 1 or 2 for the bundled models (guidance sweep in checkpoints/transformer/card.md)
-    guidance: float = 3.0
+    # classifier-free guidance in layout and sketch modes (1 = none); 5 kept the most of held-out
+    # val layouts for the bundled models (guidance sweep in checkpoints/transformer/card.md)
+    guidance: float = 5.0
     window: int | None = None  # window rows in tokens; None = the model's trained window
     num_samples: int = 1
     # Over COMPOSE_ABOVE px high: sample a picture 192–320 px high, enlarge it ×4 (×8 past
