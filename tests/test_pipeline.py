@@ -106,3 +106,22 @@ def test_a_painted_lake_layout_stacks_sky_mountain_water_grass():
     for column in ids.T:  # top to bottom: sky, mountain, water, grass, each in one run
         order = [int(v) for i, v in enumerate(column) if i == 0 or v != column[i - 1]]
         assert order == [1, 5, 7, 3]
+
+
+def test_stopping_while_enlarging_keeps_a_picture_of_the_requested_size(pipeline):
+    import threading
+
+    stop = threading.Event()
+    request = GenerateRequest("layout", 256, 704, layout(256, 704), seed=3, compose=True)
+
+    events = []
+    for event in pipeline.generate(request, stop=stop):
+        events.append(event)
+        if isinstance(event, Preview) and event.stage.startswith("enlarging"):
+            stop.set()
+
+    result = events[-1]
+    assert isinstance(result, Result) and result.stopped
+    assert result.images[0].shape == (704, 256, 3)
+    assert result.tokens.shape == (1, 44, 16)
+    assert any(e.stage.startswith("composing") for e in events[:-1])
