@@ -369,7 +369,7 @@ def measure_painted(
                 output = generate("layout", (height, width), layout, index, compose=compose)
                 counts += confusion_matrix(segmenter(output), layout, num_classes)
                 if index == 0:
-                    title = f"painted {width}×{height} ({way})"
+                    title = f"painted {width}, {way}"  # fits the label column
                     examples.append(Example(title, ids_to_rgb(layout, palette), output, None))
                 bar.update(1)
             score = score_confusion(counts)
