@@ -654,7 +654,7 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
             with gr.Column(scale=5):
                 with gr.Row():
                     preset = gr.Dropdown(
-                        [*canvas.PRESETS, "custom"],
+                        [*canvas.PRESETS, canvas.CUSTOM],
                         value="512 × 512",
                         label="Canvas size",
                         scale=2,
@@ -939,13 +939,23 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
                 return gr.skip(), gr.skip()
             return canvas.PRESETS[choice]
 
-        preset.change(on_preset, preset, [width, height], api_name="preset").then(
+        # Only the user's choice makes a new canvas; the menu follows the size fields (typed,
+        # restored from a PNG or set by an uploaded label map) without touching the painting.
+        preset.input(on_preset, preset, [width, height], api_name="preset").then(
             studio.new_canvases,
             [width, height],
             [layout, sketch, depth, status],
             api_name="preset_canvas",
             api_visibility="undocumented",
         )
+        for field in (width, height):
+            field.change(
+                canvas.preset_name,
+                [width, height],
+                preset,
+                api_visibility="private",
+                show_progress="hidden",
+            )
         new_canvas.click(
             studio.new_canvases,
             [width, height],

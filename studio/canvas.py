@@ -31,6 +31,7 @@ __all__ = [
     "layout_from_canvas",
     "legend_html",
     "mask_from_canvas",
+    "preset_name",
     "read_depth_upload",
     "read_layout_upload",
     "resize_depth",
@@ -47,6 +48,16 @@ PRESETS: dict[str, tuple[int, int]] = {
     "1024 × 1024": (1024, 1024),
 }
 MIN_SIDE = 16  # one token
+CUSTOM = "custom"  # the size menu's entry when the fields hold no preset
+
+
+def preset_name(width: float | None, height: float | None) -> str:
+    """The size menu's entry for the size in the fields: its preset, else "custom"."""
+    for name, size in PRESETS.items():
+        if (width, height) == size:
+            return name
+    return CUSTOM
+
 
 FREE_LEGEND = "free — unpainted, the model decides"
 

@@ -69,6 +69,11 @@ def drag(page, box: dict, points: list[tuple[float, float]]) -> None:
     page.mouse.up()
 
 
+SIZE_MENU_READS = (
+    "(name) => document.querySelector(\"input[aria-label='Canvas size']\").value === name"
+)
+
+
 def set_size(page, width: int, height: int) -> None:
     page.fill("input[aria-label='Width (px)']", str(width))
     page.fill("input[aria-label='Height (px)']", str(height))
@@ -127,8 +132,13 @@ def test_paint_generate_stop_and_generate_again(page, studio_url: str):
     pick_swatch(page, TREE)
     drag(page, canvas_box, [(0.35, 0.62), (0.65, 0.62), (0.65, 0.68), (0.35, 0.68)])
 
+    # The size menu follows the typed size, and typing a size leaves the painting alone.
+    set_size(page, 700, 500)
+    page.wait_for_function(SIZE_MENU_READS, arg="custom", timeout=TIMEOUT_MS)
+
     # A long run (64×64 tokens): the preview must change while it runs; Stop after 3 previews.
     set_size(page, 1024, 1024)
+    page.wait_for_function(SIZE_MENU_READS, arg="1024 × 1024", timeout=TIMEOUT_MS)
     page.evaluate(WATCH_PREVIEWS, 3)
     page.click("#generate")
     wait_for_status(page, "stopped early")
