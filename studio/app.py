@@ -529,6 +529,18 @@ class Studio:
                 f"New {width} × {height} canvases.",
             )
 
+    def scale_canvases(
+        self, layout, sketch, depth, width: float | None, height: float | None
+    ) -> tuple:
+        """The canvases scaled to a new size (a preset chosen), keeping what was painted."""
+        with user_errors():
+            width, height = canvas.check_size(width, height, self.pipeline.max_side)
+            scaled = canvas.scaled_canvases(layout, sketch, depth, width, height, self.palette)
+            return (
+                *scaled,
+                f"Canvases scaled to {width} × {height}, painting kept; New canvas clears them.",
+            )
+
     def snapped_layout(self, layout: dict | None) -> np.ndarray | None:
         """The layout as the model will read it (snapped colours, free in grey)."""
         try:
@@ -939,11 +951,11 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
                 return gr.skip(), gr.skip()
             return canvas.PRESETS[choice]
 
-        # Only the user's choice makes a new canvas; the menu follows the size fields (typed,
-        # restored from a PNG or set by an uploaded label map) without touching the painting.
+        # The user's choice scales the canvases to the preset; the menu follows the size fields
+        # (typed, restored from a PNG or set by an uploaded label map) without touching them.
         preset.input(on_preset, preset, [width, height], api_name="preset").then(
-            studio.new_canvases,
-            [width, height],
+            studio.scale_canvases,
+            [layout, sketch, depth, width, height],
             [layout, sketch, depth, status],
             api_name="preset_canvas",
             api_visibility="undocumented",

@@ -37,6 +37,7 @@ __all__ = [
     "resize_depth",
     "resize_ids",
     "resize_rgb",
+    "scaled_canvases",
     "sketch_from_canvas",
 ]
 
@@ -287,3 +288,30 @@ def resize_depth(depth: np.ndarray, width: int, height: int) -> np.ndarray:
     image = Image.fromarray(depth.astype(np.float32))  # mode F
     resized = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
     return np.clip(resized, 0.0, 1.0).astype(np.float32)
+
+
+def scaled_canvases(
+    layout: EditorValue,
+    sketch: EditorValue,
+    depth: EditorValue,
+    width: int,
+    height: int,
+    palette: Palette,
+) -> tuple[dict, dict, dict]:
+    """The layout, sketch and depth canvases scaled to width × height (a new canvas size), so
+    what the user painted stays; an empty or missing canvas becomes a blank one."""
+    try:
+        ids = edited_layout(layout, palette)
+        new_layout = layout_canvas(resize_ids(ids, width, height), palette)
+    except CanvasError:
+        new_layout = blank_canvas(width, height)
+    try:
+        rgb = resize_rgb(sketch_from_canvas(sketch), width, height)
+        new_sketch = {"background": rgb, "layers": [], "composite": rgb}
+    except CanvasError:
+        new_sketch = grey_canvas(width, height, 255)
+    try:
+        new_depth = depth_canvas(resize_depth(depth_from_canvas(depth), width, height))
+    except CanvasError:
+        new_depth = grey_canvas(width, height, 0)
+    return new_layout, new_sketch, new_depth

@@ -132,7 +132,11 @@ def test_paint_generate_stop_and_generate_again(page, studio_url: str):
     pick_swatch(page, TREE)
     drag(page, canvas_box, [(0.35, 0.62), (0.65, 0.62), (0.65, 0.68), (0.35, 0.68)])
 
-    # The size menu follows the typed size, and typing a size leaves the painting alone.
+    # Choosing a preset scales the painting to it; the menu follows a typed size, which leaves
+    # the painting alone. The condition checked at the end shows the painting survived both.
+    page.click("input[aria-label='Canvas size']")
+    page.click("ul[role='listbox'] li:has-text('1280 × 832')")
+    wait_for_status(page, "Canvases scaled to 1280 × 832")
     set_size(page, 700, 500)
     page.wait_for_function(SIZE_MENU_READS, arg="custom", timeout=TIMEOUT_MS)
 

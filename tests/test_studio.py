@@ -64,6 +64,41 @@ def test_anti_aliased_canvas_becomes_only_palette_ids_and_free():
     assert ids[60, 60] == FREE_ID  # unpainted paper
 
 
+def test_a_new_canvas_size_scales_what_was_painted():
+    palette = Palette.default()
+    layout = np.zeros((64, 64, 4), dtype=np.uint8)  # sky above, water below row 40, no free
+    layout[:40] = (*SKY, 255)
+    layout[40:] = (*WATER, 255)
+    sketch = np.full((64, 64, 3), 255, dtype=np.uint8)
+    sketch[:, 31:33] = 0  # a vertical stroke in the middle
+    depth = np.zeros((64, 64, 3), dtype=np.uint8)
+    depth[32:] = 200  # the lower half is near
+
+    scaled_layout, scaled_sketch, scaled_depth = canvas.scaled_canvases(
+        editor_value(layout), editor_value(sketch), editor_value(depth), 160, 96, palette
+    )
+
+    ids = canvas.layout_from_canvas(scaled_layout, palette)
+    assert ids.shape == (96, 160)
+    assert (ids[:60] == 1).all() and (ids[60:] == 7).all()  # row 40 of 64 is row 60 of 96
+    lines = canvas.sketch_from_canvas(scaled_sketch).mean(axis=2) < 128
+    assert lines.shape == (96, 160)
+    assert set(np.flatnonzero(lines.any(axis=0))) <= set(range(76, 84)) and lines[:, 80].all()
+    near = canvas.depth_from_canvas(scaled_depth)
+    assert near.shape == (96, 160)
+    assert np.allclose(near[:47], 0.0) and np.allclose(near[49:], 200 / 255, atol=1e-3)
+
+
+def test_a_new_size_for_empty_canvases_gives_blank_ones():
+    palette = Palette.default()
+    empty = editor_value(np.zeros((32, 32, 4), dtype=np.uint8))
+    layout, sketch, depth = canvas.scaled_canvases(empty, None, None, 48, 16, palette)
+    assert (canvas.edited_layout(layout, palette) == FREE_ID).all()
+    assert layout["composite"].shape == (16, 48, 4)
+    assert (sketch["composite"] == 255).all() and sketch["composite"].shape == (16, 48, 3)
+    assert (depth["composite"] == 0).all() and depth["composite"].shape == (16, 48, 3)
+
+
 def test_empty_canvas_asks_the_user_to_paint():
     empty = np.zeros((32, 32, 4), dtype=np.uint8)
     with pytest.raises(canvas.CanvasError, match="canvas is empty"):
