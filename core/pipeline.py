@@ -60,9 +60,11 @@ DECODE_TILE = 32  # tokens per side of a decoder tile: bounded memory at any out
 # Composing (GenerateRequest.compose): the bundled transformer learnt from photos 160 px high, so
 # a picture far higher than that gets photo-sized detail repeated over each painted region. A
 # picture over COMPOSE_ABOVE px high is therefore composed between COMPOSE_HEIGHTS, then
-# enlarged with superres. At 512 px direct sampling still holds together, and composing it at
-# 192 px loses narrow bands, so it starts above that.
+# enlarged with superres. With a layout or sketch, 512 px direct sampling still holds together
+# and composing at 192 px loses narrow bands, so it starts above that; free mode has nothing to
+# hold it together, so already a 512 px picture becomes a patchwork: it composes above 256 px.
 COMPOSE_ABOVE = 640
+COMPOSE_ABOVE_FREE = 256
 COMPOSE_HEIGHTS = (192, 320)
 
 
@@ -87,8 +89,9 @@ class GenerateRequest:
     guidance: float = 5.0
     window: int | None = None  # window rows in tokens; None = the model's trained window
     num_samples: int = 1
-    # Over COMPOSE_ABOVE px high: sample a picture 192–320 px high, enlarge it ×4 (×8 past
-    # 1280 px) with the superres task, and scale that to the size (see Pipeline.compose_plan).
+    # Over COMPOSE_ABOVE px high (free mode: COMPOSE_ABOVE_FREE): sample a picture 192–320 px
+    # high, enlarge it ×4 (×8 past 1280 px) with the superres task, and scale that to the size
+    # (see Pipeline.compose_plan).
     compose: bool = False
 
 
@@ -377,7 +380,8 @@ class Pipeline:
         """(small width, small height, enlargement) when composing request's size; None when the
         picture is sampled directly (low enough already, superres mode, or no superres task)."""
         low, high = COMPOSE_HEIGHTS
-        if request.mode == "superres" or request.height <= COMPOSE_ABOVE:
+        above = COMPOSE_ABOVE_FREE if request.mode == "free" else COMPOSE_ABOVE
+        if request.mode == "superres" or request.height <= above:
             return None
         f, tasks = self.factor, self.vocabulary.tasks()
         for enlarge in (4, 8):

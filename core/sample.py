@@ -66,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--compose",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="over 640 px high: compose a picture 192–320 px high (the scale of the training "
-        "photos), then enlarge it with superres (default); --no-compose samples the size directly",
+        help="over 640 px high (free mode: 256): compose a picture 192–320 px high (the scale "
+        "of the training photos), then enlarge it with superres (default); --no-compose samples "
+        "the size directly",
     )
     parser.add_argument("--samples", type=int, default=1, help="images to make at once")
     parser.add_argument("--checkpoints", default="checkpoints", help="model bundle folder")

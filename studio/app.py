@@ -25,6 +25,7 @@ from core.metadata import MetadataError, read_metadata
 from core.palette import LayoutError, Palette, flood_fill, ids_to_rgb
 from core.pipeline import (
     COMPOSE_ABOVE,
+    COMPOSE_ABOVE_FREE,
     COMPOSE_HEIGHTS,
     GenerateRequest,
     InputError,
@@ -822,7 +823,8 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
                         value=True,
                         label="Compose at photo scale, then enlarge",
                         info=(
-                            f"Pictures over {COMPOSE_ABOVE} px high: the model composes one "
+                            f"Pictures over {COMPOSE_ABOVE} px high ({COMPOSE_ABOVE_FREE} in "
+                            "Free mode): the model composes one "
                             f"{COMPOSE_HEIGHTS[0]}–{COMPOSE_HEIGHTS[1]} px high, the scale of its "
                             "training photos, then enlarges it with its superres mode. Off: it "
                             "samples the full size directly, repeating photo-sized detail."

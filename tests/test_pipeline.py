@@ -37,6 +37,19 @@ def test_compose_plan_keeps_the_small_picture_192_to_320_px_high(pipeline, width
     assert pipeline.compose_plan(request) == plan
 
 
+@pytest.mark.parametrize(
+    ("width", "height", "plan"),
+    [
+        (512, 512, (192, 192, 4)),  # free mode has no painting to hold 512 px together
+        (1024, 576, (336, 192, 4)),  # 576 / 4 = 144 is too low: 192; 1024 × 192 / 576 = 341
+        (256, 256, None),  # about the training photos' scale: sampled directly
+    ],
+)
+def test_free_mode_composes_from_lower_heights(pipeline, width, height, plan):
+    request = GenerateRequest("free", width=width, height=height, compose=True)
+    assert pipeline.compose_plan(request) == plan
+
+
 def test_compose_plan_leaves_superres_alone(pipeline):
     assert pipeline.compose_plan(GenerateRequest("superres", width=1024, height=1024)) is None
 
