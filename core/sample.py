@@ -94,7 +94,17 @@ def read_condition(args) -> tuple[str, np.ndarray | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.temperature > 0:
+        parser.error(
+            f"--temperature must be above 0, got {args.temperature:g} (1 samples as trained; "
+            "lower, e.g. 0.7, plays safer)"
+        )
+    if args.scene and (args.layout or args.sketch or args.depth or args.superres):
+        parser.error(
+            "--scene is for free mode only: drop it, or drop the layout/sketch/depth/photo"
+        )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads > 0:
         import torch

@@ -67,3 +67,18 @@ def test_app_help_exits_cleanly():
 
     assert result.returncode == 0
     assert "usage" in result.stdout.lower()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--temperature", "-1"], "--temperature must be above 0, got -1"),
+        (["--layout", "docs/examples/lake_layout.png", "--scene", "lake"], "free mode only"),
+    ],
+)
+def test_sample_refuses_settings_that_cannot_work_together(args, message):
+    result = run_script("-m", "core.sample", *args)
+
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
