@@ -110,7 +110,9 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except USER_ERRORS as error:
-        raise gr.Error(str(error)) from None
+        # the user's mistake, not the server's: one log line, no traceback
+        logger.info("refused: %s", error)
+        raise gr.Error(str(error), print_exception=False) from None
     except gr.Error:
         raise
     except Exception as error:
@@ -418,7 +420,7 @@ class Studio:
         """A gallery click: that result becomes the one to download, edit and export."""
         entries = self.entries(runs)
         if not 0 <= index < len(entries):
-            raise gr.Error("Pick a result in the gallery first.")
+            raise gr.Error("Pick a result in the gallery first.", print_exception=False)
         run_index, sample = entries[index]
         run = runs[run_index]
         selected = (run_index, sample)
@@ -663,6 +665,8 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
         first_mode = pipeline.modes[0]
         mode = gr.Textbox(value=first_mode, visible=False, label="Mode")
 
+        # The number fields carry no minimum or maximum: the studio checks them when a run
+        # starts, with a message that names the field (gradio's own names none).
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
                 with gr.Row():
@@ -672,10 +676,8 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
                         label="Canvas size",
                         scale=2,
                     )
-                    width = gr.Number(width0, label="Width (px)", precision=0, minimum=16, scale=1)
-                    height = gr.Number(
-                        height0, label="Height (px)", precision=0, minimum=16, scale=1
-                    )
+                    width = gr.Number(width0, label="Width (px)", precision=0, scale=1)
+                    height = gr.Number(height0, label="Height (px)", precision=0, scale=1)
                     new_canvas = gr.Button("New canvas", scale=1, elem_id="new-canvas")
 
                 with gr.Tabs(selected=first_mode) as tabs:
@@ -796,20 +798,17 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
 
                 with gr.Accordion("Sampling", open=True):
                     with gr.Row():
-                        seed = gr.Number(
-                            0, label="Seed", precision=0, minimum=0, maximum=SEED_RANGE
-                        )
+                        seed = gr.Number(0, label="Seed", precision=0)
                         dice = gr.Button("Random seed", scale=0, min_width=90, elem_id="dice")
                         samples = gr.Slider(1, MAX_SAMPLES, value=1, step=1, label="Samples")
                     with gr.Row():
                         temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="Temperature")
-                        top_k = gr.Number(100, label="Top-k (0 = off)", precision=0, minimum=0)
+                        top_k = gr.Number(100, label="Top-k (0 = off)", precision=0)
                         top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p (1 = off)")
                         window = gr.Number(
                             0,
                             label="Window (tokens, 0 = as trained)",
                             precision=0,
-                            minimum=0,
                         )
                         guidance = gr.Slider(
                             0.0,
@@ -886,10 +885,8 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
                     )
                     resample = gr.Button("Resample painted region")
                     with gr.Row():
-                        extend_right = gr.Number(
-                            256, label="Add to the right (px)", precision=0, minimum=0
-                        )
-                        extend_down = gr.Number(0, label="Add below (px)", precision=0, minimum=0)
+                        extend_right = gr.Number(256, label="Add to the right (px)", precision=0)
+                        extend_down = gr.Number(0, label="Add below (px)", precision=0)
                         extend = gr.Button("Extend")
 
         # --- events ---------------------------------------------------------------------

@@ -314,6 +314,22 @@ def test_empty_canvas_gives_the_user_a_message(client):
         client.predict(*generate_args(None, 128), api_name="/generate")
 
 
+@pytest.mark.parametrize(
+    ("index", "value", "message"),
+    [
+        (7, -100, "-100 × 128 is outside the limit"),  # width
+        (9, -5, "The seed must be a whole number from 0"),
+    ],
+)
+def test_a_bad_number_gets_a_message_naming_its_field(client, tmp_path, index, value, message):
+    from gradio_client.exceptions import AppError
+
+    args = generate_args(layout_file(tmp_path, 128), 128)
+    args[index] = value
+    with pytest.raises(AppError, match=message):
+        client.predict(*args, api_name="/generate")
+
+
 def test_restore_refuses_a_png_without_settings(client, tmp_path: Path):
     from gradio_client import handle_file
     from gradio_client.exceptions import AppError
