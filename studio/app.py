@@ -191,7 +191,13 @@ class Studio:
         if mode == "sketch":
             return canvas.resize_rgb(canvas.sketch_from_canvas(sketch), width, height)
         if mode == "depth":
-            return canvas.resize_depth(canvas.depth_from_canvas(depth), width, height)
+            painted = canvas.depth_from_canvas(depth)
+            if painted.max() - painted.min() < 1 / 255:  # one grey: no near and far to follow
+                raise canvas.CanvasError(
+                    "The depth canvas is one flat grey, so it says nothing about near and far: "
+                    "upload a depth map, paint one (near = bright) or estimate one from the layout."
+                )
+            return canvas.resize_depth(painted, width, height)
         return None
 
     def superres_size(self, photo: np.ndarray | None, factor: int) -> tuple[int, int]:

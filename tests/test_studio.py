@@ -330,6 +330,23 @@ def test_a_bad_number_gets_a_message_naming_its_field(client, tmp_path, index, v
         client.predict(*args, api_name="/generate")
 
 
+def test_a_flat_depth_canvas_is_refused(client, tmp_path: Path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    black = tmp_path / "black.png"  # the depth tab's untouched canvas
+    Image.fromarray(np.zeros((128, 128, 3), dtype=np.uint8)).save(black)
+    args = generate_args(None, 128)
+    args[0] = "depth"
+    args[3] = {
+        "background": handle_file(str(black)),
+        "layers": [],
+        "composite": handle_file(str(black)),
+    }
+    with pytest.raises(AppError, match="one flat grey"):
+        client.predict(*args, api_name="/generate")
+
+
 def test_restore_refuses_a_png_without_settings(client, tmp_path: Path):
     from gradio_client import handle_file
     from gradio_client.exceptions import AppError
