@@ -787,6 +787,7 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
                     ) as superres_tab:
                         photo = gr.Image(
                             label="Small photo to enlarge",
+                            elem_id="photo",
                             type="numpy",
                             image_mode="RGB",
                             sources=["upload", "clipboard"],
@@ -1027,6 +1028,24 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
             api_name="load_layout",
         )
         depth_upload.upload(studio.load_depth, depth_upload, [depth, status], api_name="load_depth")
+
+        # A photo that is no image would fail later, inside Gradio, with no word on why: checked
+        # as it arrives (raw, unprocessed), it is dropped at once with a message. (The sketch
+        # editor reads uploads in the browser and ignores a bad file without sending it.)
+        def refuse_unreadable_photo(payload):
+            message = canvas.unreadable_upload(payload, "a photo")
+            if message is None:
+                return gr.skip(), gr.skip()
+            gr.Warning(message)
+            return None, message
+
+        photo.upload(
+            refuse_unreadable_photo,
+            photo,
+            [photo, status],
+            preprocess=False,
+            api_visibility="private",
+        )
         estimate.click(studio.estimate_depth, layout, [depth, status], api_name="estimate_depth")
 
         def on_select(session_runs: list[Run], event: gr.SelectData):

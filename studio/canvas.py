@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -38,6 +39,7 @@ __all__ = [
     "resize_ids",
     "resize_rgb",
     "scaled_canvases",
+    "unreadable_upload",
     "sketch_from_canvas",
 ]
 
@@ -60,6 +62,10 @@ def preset_name(width: float | None, height: float | None) -> str:
     return CUSTOM
 
 
+SKETCH_EMPTY = (
+    "The sketch is empty: draw some dark strokes on the white paper, or upload a drawing (a "
+    "file the editor cannot show as an image is left out)."
+)
 FREE_LEGEND = "free — unpainted, the model decides"
 
 EditorValue = dict | None
@@ -183,13 +189,13 @@ def sketch_from_canvas(value: EditorValue) -> np.ndarray:
     """The sketch as RGB (H×W×3 uint8), transparent parts as white paper."""
     pixels = _composite(value)
     if pixels is None or pixels.size == 0:
-        raise CanvasError("The sketch is empty: draw some dark strokes on the white paper.")
+        raise CanvasError(SKETCH_EMPTY)
     rgba = _as_rgba(pixels).astype(np.float32)
     alpha = rgba[..., 3:4] / 255.0
     rgb = np.round(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
     grey = rgb.mean(axis=2)
     if grey.max() - grey.min() < 24:
-        raise CanvasError("The sketch is empty: draw some dark strokes on the white paper.")
+        raise CanvasError(SKETCH_EMPTY)
     return rgb
 
 
@@ -238,6 +244,25 @@ def _open_image(path: str | Path, what: str) -> Image.Image:
             "image file)."
         ) from None
     return image
+
+
+def unreadable_upload(payload: Any, what: str) -> str | None:
+    """Why a file just dropped on an image or editor component cannot be read (None if it can).
+
+    payload is the component's raw value (not preprocessed, which would fail on a bad file):
+    a file record {"path": ...}, or an editor value whose "background" is one.
+    """
+    if isinstance(payload, dict) and isinstance(payload.get("background"), dict):
+        payload = payload["background"]
+    path = payload.get("path") if isinstance(payload, dict) else None
+    if not path:
+        return None  # nothing uploaded (a cleared component)
+    try:
+        _open_image(path, what).close()
+    except CanvasError as error:
+        name = payload.get("orig_name") or Path(path).name
+        return str(error).replace(Path(path).name, name, 1)
+    return None
 
 
 def read_layout_upload(path: str | Path, palette: Palette) -> np.ndarray:

@@ -156,3 +156,15 @@ def test_paint_generate_stop_and_generate_again(page, studio_url: str):
     assert previews_seen(page) >= 2, "the preview did not change while sampling"
     assert {1, 2} <= condition_ids(page, studio_url)  # sky and tree reached the model
     assert page.locator("#gallery img").count() >= 2  # the stopped run and the finished one
+
+
+def test_a_photo_that_is_no_image_is_refused_on_upload(page, tmp_path: Path):
+    fake = tmp_path / "holiday.png"
+    fake.write_text("not an image")
+    page.get_by_role("tab", name="Superres").click()
+    photo_input = page.locator("#photo input[type='file']")
+    photo_input.set_input_files(str(fake))
+    wait_for_status(page, "holiday.png is not an image I can read")
+    # the refused file is gone, so Generate asks for a photo instead of failing inside Gradio
+    page.click("#generate")
+    page.get_by_text("Upload a small photo to enlarge first").first.wait_for()

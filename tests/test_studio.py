@@ -132,6 +132,22 @@ def test_non_image_upload_is_refused(tmp_path: Path):
         canvas.read_layout_upload(text, Palette.default())
 
 
+def test_an_upload_that_is_no_image_is_named_as_it_arrives(tmp_path: Path):
+    fake = tmp_path / "f3a9.png"  # Gradio keeps uploads under its own names
+    fake.write_text("not an image")
+    good = tmp_path / "good.png"
+    Image.new("RGB", (8, 8)).save(good)
+
+    message = canvas.unreadable_upload({"path": str(fake), "orig_name": "holiday.png"}, "a photo")
+    assert message == (
+        "holiday.png is not an image I can read; a photo must be a PNG (or another image file)."
+    )
+    editor = {"background": {"path": str(fake)}, "layers": [], "composite": None}
+    assert "f3a9.png is not an image" in canvas.unreadable_upload(editor, "a sketch")
+    assert canvas.unreadable_upload({"path": str(good)}, "a photo") is None
+    assert canvas.unreadable_upload(None, "a photo") is None
+
+
 def test_mask_is_what_was_painted_over_the_result():
     layer = np.zeros((32, 48, 4), dtype=np.uint8)
     layer[4:10, 6:20] = (255, 48, 64, 150)
