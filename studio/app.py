@@ -71,6 +71,7 @@ TIMELAPSE_SIDE = 384  # frames are kept (and exported) at most this large
 
 CSS = """
 .legend td { padding: 1px 6px; font-size: 0.9em; }
+.legend caption { caption-side: top; text-align: left; font-size: 0.8em; padding-bottom: 4px; }
 .legend .swatch { display: inline-block; width: 1.4em; height: 1.0em;
                   border: 1px solid #8888; border-radius: 3px; vertical-align: middle; }
 #status { min-height: 2.5em; }

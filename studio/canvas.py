@@ -107,7 +107,11 @@ def legend_html(palette: Palette) -> str:
         f"<td>{html.escape(name)}</td></tr>"
         for colour, name in entries
     )
-    return f'<table class="legend">{rows}</table>'
+    caption = (
+        "<caption>Key: pick the class to paint with the palette button in the editor's "
+        "toolbar (below the eraser)</caption>"
+    )
+    return f'<table class="legend">{caption}{rows}</table>'
 
 
 # --- building canvases ---------------------------------------------------------------------
