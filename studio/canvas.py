@@ -39,8 +39,8 @@ __all__ = [
     "resize_ids",
     "resize_rgb",
     "scaled_canvases",
-    "unreadable_upload",
     "sketch_from_canvas",
+    "unreadable_upload",
 ]
 
 # Canvas sizes offered next to the size fields (width, height in pixels).
@@ -251,13 +251,11 @@ def _open_image(path: str | Path, what: str) -> Image.Image:
 
 
 def unreadable_upload(payload: Any, what: str) -> str | None:
-    """Why a file just dropped on an image or editor component cannot be read (None if it can).
+    """Why a file just dropped on an image component cannot be read (None if it can).
 
-    payload is the component's raw value (not preprocessed, which would fail on a bad file):
-    a file record {"path": ...}, or an editor value whose "background" is one.
+    payload is the component's raw value, a file record {"path": ..., "orig_name": ...} (not
+    preprocessed: that would fail on a bad file).
     """
-    if isinstance(payload, dict) and isinstance(payload.get("background"), dict):
-        payload = payload["background"]
     path = payload.get("path") if isinstance(payload, dict) else None
     if not path:
         return None  # nothing uploaded (a cleared component)

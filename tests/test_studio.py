@@ -142,8 +142,7 @@ def test_an_upload_that_is_no_image_is_named_as_it_arrives(tmp_path: Path):
     assert message == (
         "holiday.png is not an image I can read; a photo must be a PNG (or another image file)."
     )
-    editor = {"background": {"path": str(fake)}, "layers": [], "composite": None}
-    assert "f3a9.png is not an image" in canvas.unreadable_upload(editor, "a sketch")
+    assert "f3a9.png is not an image" in canvas.unreadable_upload({"path": str(fake)}, "a photo")
     assert canvas.unreadable_upload({"path": str(good)}, "a photo") is None
     assert canvas.unreadable_upload(None, "a photo") is None
 
