@@ -469,6 +469,17 @@ class Pipeline:
             _fit(final if final is not None else small, width, height, smooth=True)
             for final, small in zip(finals, first.images, strict=True)
         ]
+        # the picture is ready; its tokens (for resampling and extending) take a few seconds more
+        yield Preview(
+            images,
+            rows_total,
+            rows_total,
+            tokens_total,
+            tokens_total,
+            time.monotonic() - started,
+            0.0,
+            "finishing: the final picture's tokens",
+        )
         yield Result(
             images,
             self.encode(images),

@@ -282,7 +282,7 @@ class Studio:
         skip = gr.skip()
         label = {"generate": "Sampling", "resample": "Resampling", "extend": "Extending"}[kind]
         yield skip, f"**{label}…** preparing", skip, skip, skip, skip, skip
-        last_row, last_time, told = -1, 0.0, False
+        last_row, last_time, last_stage, told = -1, 0.0, "", False
         result: Result | None = None
         for event in events:
             if event is None:  # stopped; the pipeline decodes what it sampled
@@ -294,8 +294,12 @@ class Studio:
             if isinstance(event, Result):
                 result = event
                 break
-            if event.rows_done != last_row or event.elapsed - last_time >= PREVIEW_INTERVAL:
-                last_row, last_time = event.rows_done, event.elapsed
+            if (
+                event.rows_done != last_row
+                or event.stage != last_stage
+                or event.elapsed - last_time >= PREVIEW_INTERVAL
+            ):
+                last_row, last_time, last_stage = event.rows_done, event.elapsed, event.stage
                 yield tile(event.images), progress_text(event, label), *[skip] * 5
         if result is None:
             raise gr.Error("The model ended without a result; try again.")

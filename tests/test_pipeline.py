@@ -67,7 +67,9 @@ def test_a_composed_picture_streams_both_passes_at_the_requested_size(pipeline):
     assert previews[-1].tokens_total == 12 * 4 + 48 * 16
     assert [p.rows_done for p in previews] == sorted(p.rows_done for p in previews)
     stages = [p.stage for p in previews]
-    assert stages[0] == "composing 64×192" and stages[-1] == "enlarging ×4"
+    assert stages[0] == "composing 64×192" and stages[-2] == "enlarging ×4"
+    assert stages[-1].startswith("finishing") and previews[-1].rows_done == previews[-1].rows_total
+    assert np.array_equal(previews[-1].images[0], result.images[0])  # shown before the tokens
     assert result.extra["composed"][0].shape == (192, 64, 3)
     assert result.images[0].shape == (height, width, 3)
     assert result.tokens.shape == (1, height // 16, width // 16)  # the final image's own tokens

@@ -442,9 +442,13 @@ def test_a_composed_run_keeps_its_size_and_restores_compose(client, tmp_path: Pa
     from gradio_client import handle_file
 
     args = generate_args(layout_file(tmp_path, 64), 704, seed=2, compose=True)
-    _, status, _, downloads, _ = client.predict(*args, api_name="/generate")
+    job = client.submit(*args, api_name="/generate")
+    _, status, _, downloads, _ = job.result()
 
     assert "done" in status
+    statuses = [output[1] for output in job.outputs()]
+    assert any("(composing 192×192)" in text for text in statuses)
+    assert any("(finishing" in text for text in statuses)  # the picture shows before its tokens
     result_png = downloads[0]
     assert Image.open(result_png).size == (704, 704)
     assert read_metadata(result_png)["request"]["compose"] is True
