@@ -40,6 +40,7 @@ REQUEST_FIELDS = (
     "top_k",
     "top_p",
     "guidance",
+    "prior",
     "window",
     "num_samples",
     "compose",

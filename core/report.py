@@ -174,6 +174,7 @@ class ReportSettings:
     temperature: float = 1.0
     top_k: int | None = 100
     guidance: float = GenerateRequest.guidance  # the studio's default (layout and sketch)
+    prior: float = GenerateRequest.prior  # the class prior's weight (layout, where bundled)
     compose: bool = False  # layouts, sketches, free: compose at photo scale, then enlarge
     painted_limit: int = 4  # painted lake layouts per size, each sampled direct and composed
 
@@ -219,6 +220,7 @@ class ImageGenerator:
             seed=self.settings.seed + seed_offset,
             temperature=self.settings.temperature,
             guidance=self.settings.guidance,
+            prior=self.settings.prior,
             top_k=self.settings.top_k,
             **{"compose": self.settings.compose and mode != "superres", **options},
         )
@@ -715,7 +717,8 @@ def markdown_report(report: dict, grid_name: str | None) -> str:
         f"{settings['height']} px high (aspect kept, width a multiple of the token size); "
         f"sources taken in turn; seed {settings['seed']} + photo number, temperature "
         f"{settings['temperature']}, top-k {settings['top_k']}, guidance "
-        f"{settings.get('guidance', 1.0)} (layout and sketch)"
+        f"{settings.get('guidance', 1.0)} (layout and sketch), class prior "
+        f"{settings.get('prior', 0.0)} (layout)"
         + (
             "; composed at photo scale, then enlarged (pictures over 640 px high)"
             if settings.get("compose")
@@ -925,6 +928,12 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
         help="layout and sketch guidance (1 = plain sampling; default: the studio's)",
     )
     parser.add_argument(
+        "--prior",
+        type=float,
+        default=GenerateRequest.prior,
+        help="layout class prior weight (0 = off; default: the studio's)",
+    )
+    parser.add_argument(
         "--painted-limit",
         type=int,
         default=4,
@@ -952,6 +961,7 @@ def evaluate_bundle(args: argparse.Namespace) -> dict:
         temperature=args.temperature,
         top_k=args.top_k or None,
         guidance=args.guidance,
+        prior=args.prior,
         compose=args.compose,
         painted_limit=args.painted_limit,
     )

@@ -23,7 +23,7 @@ from core.conditions import ConditionError, load_depth
 from core.data import DataError, load_rgb
 from core.metadata import request_settings, save_png
 from core.palette import LayoutError, load_label_map
-from core.pipeline import GenerateRequest, InputError, Pipeline, Preview
+from core.pipeline import MAX_PRIOR, GenerateRequest, InputError, Pipeline, Preview
 
 logger = logging.getLogger("core.sample")
 
@@ -61,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=GenerateRequest.guidance,
         help="layout and sketch: how closely to follow the condition (1 = plain sampling; "
         f"default {GenerateRequest.guidance:g})",
+    )
+    parser.add_argument(
+        "--prior",
+        type=float,
+        default=GenerateRequest.prior,
+        help="layout: weight of the class prior, which leans each painted region toward image "
+        f"codes its class covers in the training photos (0 = off; default "
+        f"{GenerateRequest.prior:g}; needs the bundle's layout_prior.safetensors)",
     )
     parser.add_argument(
         "--compose",
@@ -101,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             f"--temperature must be above 0, got {args.temperature:g} (1 samples as trained; "
             "lower, e.g. 0.7, plays safer)"
         )
+    if not 0 <= args.prior <= MAX_PRIOR:
+        parser.error(f"--prior must be from 0 to {MAX_PRIOR:g}, got {args.prior:g}")
     if args.scene and (args.layout or args.sketch or args.depth or args.superres):
         parser.error(
             "--scene is for free mode only: drop it, or drop the layout/sketch/depth/photo"
@@ -127,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             top_p=args.top_p,
             window=args.window,
             guidance=args.guidance,
+            prior=args.prior,
             compose=args.compose,
             num_samples=args.samples,
         )

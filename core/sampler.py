@@ -55,6 +55,10 @@ class SamplingOptions:
     # the unguided logits come from `Condition.unguided` (an empty layout, a blank sketch).
     # 1 samples from the model as trained; larger values follow the condition more closely.
     guidance: float = 1.0
+    # A per-position logit bias: bias_table[bias_index[i, j]] (a row of V) is added to the
+    # logits at token (i, j), after guidance; -1 in bias_index adds nothing. Both or neither.
+    bias_table: torch.Tensor | None = None  # n, V
+    bias_index: torch.Tensor | None = None  # h, w long
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -470,6 +474,18 @@ def _before(plan: _Plan, i: int, j: int, top: int, left: int) -> torch.Tensor:
     return before if plan.guidance is None else torch.cat([before, before])  # both halves
 
 
+def _biased(
+    logits: torch.Tensor, options: SamplingOptions, positions: list[tuple[int, int]]
+) -> torch.Tensor:
+    """logits [N*B, V] of N positions (B samples each) plus their rows of the bias table."""
+    if options.bias_table is None:
+        return logits
+    rows = torch.stack([options.bias_index[i, j] for i, j in positions])  # N
+    table = torch.cat([options.bias_table.to(logits), logits.new_zeros(1, logits.shape[-1])])
+    bias = table[rows.clamp(min=-1)]  # -1: the zero row
+    return logits + bias.repeat_interleave(logits.shape[0] // len(positions), dim=0)
+
+
 def _run_raster(
     plan: _Plan,
     options: SamplingOptions,
@@ -482,6 +498,7 @@ def _run_raster(
     for index, (i, j) in enumerate(plan.positions):
         top, left = window_placement(i, j, grid_h, grid_w, plan.window, plan.stride)
         logits = _guide(window_logits(top, left, _before(plan, i, j, top, left)), plan.guidance)
+        logits = _biased(logits, options, [(i, j)])
         if on_logits is not None:
             on_logits((i, j), logits)
         _write(plan, i, j, pick_tokens(logits, plan.noise[:, i, j], options))
@@ -567,6 +584,7 @@ def _run_wavefront(
                 for i, j, top, left in targets
             ]
             logits = torch.cat([_guide(part, plan.guidance) for part in caches.run(feeds)])
+            logits = _biased(logits, options, [(i, j) for i, j, _, _ in targets])
             noise = torch.cat([plan.noise[:, i, j] for i, j, _, _ in targets])  # N*B
             picked = pick_tokens(logits, noise, options).view(len(targets), batch)
         for n, (i, j, _, _) in enumerate(targets):

@@ -27,6 +27,7 @@ from core.pipeline import (
     COMPOSE_ABOVE,
     COMPOSE_ABOVE_FREE,
     COMPOSE_HEIGHTS,
+    MAX_PRIOR,
     GenerateRequest,
     InputError,
     Pipeline,
@@ -64,6 +65,7 @@ ANY_SCENE = "any"
 DEFAULT_SIZE = (512, 512)
 MAX_SAMPLES = 4
 DEFAULT_GUIDANCE = GenerateRequest.guidance  # the pipeline's default
+DEFAULT_PRIOR = GenerateRequest.prior
 SEED_RANGE = 2**31 - 1
 PREVIEW_INTERVAL = 0.5  # seconds between previews inside one token row
 KEEP_TIMELAPSES = 8  # runs whose timelapse frames stay in memory
@@ -154,6 +156,7 @@ class Studio:
         top_p: float | None,
         window: float | None,
         guidance: float | None = None,
+        prior: float | None = None,
     ) -> dict[str, Any]:
         """Sampling options from the controls, checked."""
         if seed is None or not 0 <= int(seed) <= SEED_RANGE:
@@ -167,8 +170,15 @@ class Studio:
                 f"The guidance must be from 0 to {MAX_GUIDANCE:g} (1 = none, "
                 f"{DEFAULT_GUIDANCE:g} is the default)."
             )
+        prior = DEFAULT_PRIOR if prior is None else float(prior)
+        if not 0 <= prior <= MAX_PRIOR:
+            raise canvas.CanvasError(
+                f"The class prior must be from 0 to {MAX_PRIOR:g} (0 = off, {DEFAULT_PRIOR:g} is "
+                "the default)."
+            )
         return {
             "guidance": guidance,
+            "prior": prior,
             "seed": int(seed),
             "temperature": float(temperature),
             "top_k": _optional_int(top_k),
@@ -235,12 +245,13 @@ class Studio:
         guidance: float | None,
         num_samples: float | None,
         compose: bool | None = False,
+        prior: float | None = None,
     ) -> GenerateRequest:
         """A GenerateRequest from the values of every control."""
         if mode not in self.pipeline.modes:
             offered = ", ".join(self.pipeline.modes)
             raise canvas.CanvasError(f"This model has no {mode!r} mode; it offers {offered}.")
-        options = self.sampling(seed, temperature, top_k, top_p, window, guidance)
+        options = self.sampling(seed, temperature, top_k, top_p, window, guidance, prior)
         samples = int(num_samples or 1)
         if not 1 <= samples <= MAX_SAMPLES:
             raise canvas.CanvasError(f"Ask for 1 to {MAX_SAMPLES} samples at a time.")
@@ -357,6 +368,7 @@ class Studio:
         guidance: float | None,
         num_samples: float | None,
         compose: bool | None,
+        prior: float | None,
         runs: list[Run],
         request: gr.Request,
     ) -> Iterator[tuple]:
@@ -380,6 +392,7 @@ class Studio:
                 guidance,
                 num_samples,
                 compose,
+                prior,
             )
             stop = self.switches.start(request.session_hash)
             try:
@@ -470,6 +483,7 @@ class Studio:
         top_p: float | None,
         window: float | None,
         guidance: float | None,
+        prior: float | None,
         runs: list[Run],
         selected: tuple[int, int] | None,
         request: gr.Request,
@@ -479,7 +493,7 @@ class Studio:
             run, sample = self.chosen(runs, selected)
             image = run.images[sample]
             mask = canvas.mask_from_canvas(mask_canvas, image.shape[:2])
-            options = self.sampling(seed, temperature, top_k, top_p, window, guidance)
+            options = self.sampling(seed, temperature, top_k, top_p, window, guidance, prior)
             job = replace(run.request, num_samples=1, **options)
             tokens = run.tokens[sample : sample + 1]
             stop = self.switches.start(request.session_hash)
@@ -501,6 +515,7 @@ class Studio:
         top_p: float | None,
         window: float | None,
         guidance: float | None,
+        prior: float | None,
         runs: list[Run],
         selected: tuple[int, int] | None,
         request: gr.Request,
@@ -518,7 +533,7 @@ class Studio:
                     f"Extended, the image would be {width + right} × {height + down}; the limit "
                     f"is {limit} pixels a side."
                 )
-            options = self.sampling(seed, temperature, top_k, top_p, window, guidance)
+            options = self.sampling(seed, temperature, top_k, top_p, window, guidance, prior)
             job = replace(run.request, num_samples=1, width=width, height=height, **options)
             tokens = run.tokens[sample : sample + 1]
             stop = self.switches.start(request.session_hash)
@@ -630,6 +645,12 @@ class Studio:
                     f"{name}: its guidance {guidance:g} is outside 0–{MAX_GUIDANCE:g}; restore "
                     "another PNG or set the guidance by hand."
                 )
+            prior = value("prior", float, 0.0)  # PNGs from before the prior: made without it
+            if not 0 <= prior <= MAX_PRIOR:
+                raise MetadataError(
+                    f"{name}: its class prior {prior:g} is outside 0–{MAX_PRIOR:g}; restore "
+                    "another PNG or set the prior by hand."
+                )
             compose = request.get("compose", False)  # PNGs from before composing: direct
             if not isinstance(compose, bool):
                 raise MetadataError(
@@ -656,6 +677,7 @@ class Studio:
                 guidance,
                 value("num_samples", int, 1) or 1,
                 compose,
+                prior,
                 f"Restored the settings of {Path(path).name}{note}.",
             )
 
@@ -830,6 +852,16 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
                             label="Guidance (layout, sketch; 1 = off)",
                             info="How closely to follow the painting; twice the work when not 1.",
                         )
+                        prior = gr.Slider(
+                            0.0,
+                            MAX_PRIOR,
+                            value=DEFAULT_PRIOR,
+                            step=0.25,
+                            label="Class prior (layout; 0 = off)",
+                            info="Leans each painted region toward image codes that its class "
+                            "covers in the training photos.",
+                            visible=pipeline.layout_prior is not None,
+                        )
                     compose = gr.Checkbox(
                         value=True,
                         label="Compose at photo scale, then enlarge",
@@ -903,8 +935,8 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
 
         # --- events ---------------------------------------------------------------------
         controls = [mode, layout, sketch, depth, photo, factor, scene, width, height]
-        controls += [seed, temperature, top_k, top_p, window, guidance, samples, compose]
-        sampling = [seed, temperature, top_k, top_p, window, guidance]
+        controls += [seed, temperature, top_k, top_p, window, guidance, samples, compose, prior]
+        sampling = [seed, temperature, top_k, top_p, window, guidance, prior]
         run_outputs = [preview, status, gallery, runs, selected, downloads, mask]
         run_options = dict(
             outputs=run_outputs,
@@ -1079,6 +1111,7 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
                 guidance,
                 samples,
                 compose,
+                prior,
                 status,
             ],
             api_name="restore",

@@ -267,6 +267,40 @@ def test_guidance_extrapolates_from_the_unguided_logits():
     torch.testing.assert_close(seen[(0, 0)], expected, atol=1e-5, rtol=1e-5)
 
 
+def prior_options(**kwargs) -> SamplingOptions:
+    """A bias table of two rows: row 0 pushes token 7 up by 50, row 1 adds nothing; the left
+    four columns use row 0, the top-right cell none (-1), the rest row 1."""
+    table = torch.zeros(2, 32)
+    table[0, 7] = 50.0
+    index = torch.ones(GRID_H, GRID_W, dtype=torch.long)
+    index[:, :4] = 0
+    index[0, -1] = -1
+    return SamplingOptions(seed=5, bias_table=table, bias_index=index, **kwargs)
+
+
+@pytest.mark.parametrize("method", ["cached", "naive"])
+def test_a_bias_row_is_added_where_its_index_points(method):
+    model, cond = tiny_model(), condition()
+    plain, plain_logits = sampled_with_logits(model, cond, method, window=WINDOW)
+    biased, biased_logits = sampled_with_logits(
+        model, cond, method, window=WINDOW, options=prior_options()
+    )
+    # the first token sees no earlier token, so only the bias differs there
+    expected = plain_logits[(0, 0)].clone()
+    expected[:, 7] += 50.0
+    torch.testing.assert_close(biased_logits[(0, 0)], expected)
+    assert (biased[:, :, :4] == 7).all()  # +50 beats any logit of this model
+    assert not (plain[:, :, :4] == 7).all()
+
+
+def test_biased_cached_sampler_matches_biased_naive():
+    model, cond = tiny_model(), condition()
+    options = prior_options(top_k=8)
+    cached, _ = sampled_with_logits(model, cond, "cached", window=WINDOW, options=options)
+    naive, _ = sampled_with_logits(model, cond, "naive", window=WINDOW, options=options)
+    assert torch.equal(cached, naive)
+
+
 def test_guidance_one_ignores_the_unguided_grid():
     model = tiny_model()
     plain, _ = sampled_with_logits(model, condition(), "cached", window=WINDOW)

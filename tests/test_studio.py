@@ -291,10 +291,10 @@ def generate_args(
             "composite": handle_file(str(canvas_path)),
         }
     # mode, layout, sketch, depth, photo, superres_factor, scene, width, height,
-    # seed, temperature, top_k, top_p, window, guidance, num_samples, compose
+    # seed, temperature, top_k, top_p, window, guidance, num_samples, compose, prior
     return [
         "layout", layout, None, None, None, 4, "any", size, size, seed, 1.0, 100, 1.0, 0, 1.5, 1,
-        compose,
+        compose, 2.5,
     ]  # fmt: skip
 
 
@@ -318,8 +318,10 @@ def test_generate_streams_previews_and_the_png_restores_its_settings(client, tmp
 
     restored = client.predict(handle_file(result_png), api_name="/restore")
     # mode, width, height, scene, superres_factor, seed, temperature, top_k, top_p, window,
-    # guidance, num_samples, compose, status
-    assert restored[:13] == ("layout", 128, 128, "any", 4, 7, 1.0, 100, 1.0, 0, 1.5, 1, False)
+    # guidance, num_samples, compose, prior, status
+    assert restored[:14] == (
+        "layout", 128, 128, "any", 4, 7, 1.0, 100, 1.0, 0, 1.5, 1, False, 2.5,
+    )  # fmt: skip
 
 
 def test_empty_canvas_gives_the_user_a_message(client):
@@ -399,13 +401,13 @@ def test_resample_extend_and_timelapse_work_on_the_latest_result(client, tmp_pat
     mask_canvas = {"background": blank, "layers": [handle_file(str(tmp_path / "mask.png"))]}
     mask_canvas["composite"] = blank
 
-    # mask canvas, seed, temperature, top_k, top_p, window, guidance
-    resampled = client.predict(mask_canvas, 5, 1.0, 100, 1.0, 0, 2.0, api_name="/resample")
+    # mask canvas, seed, temperature, top_k, top_p, window, guidance, prior
+    resampled = client.predict(mask_canvas, 5, 1.0, 100, 1.0, 0, 2.0, 2.0, api_name="/resample")
     assert "done" in resampled[1]
     assert read_metadata(resampled[3][0])["kind"] == "resample"
 
-    # right, down, seed, temperature, top_k, top_p, window, guidance
-    extended = client.predict(32, 16, 5, 1.0, 100, 1.0, 0, 2.0, api_name="/extend")
+    # right, down, seed, temperature, top_k, top_p, window, guidance, prior
+    extended = client.predict(32, 16, 5, 1.0, 100, 1.0, 0, 2.0, 2.0, api_name="/extend")
     assert Image.open(extended[3][0]).size == (96, 80)
 
     gif = Image.open(client.predict(api_name="/timelapse"))
@@ -435,6 +437,19 @@ def test_restore_refuses_a_guidance_outside_the_studios_range(client, tmp_path: 
         "tiny",
     )
     with pytest.raises(Exception, match="guidance 9 is outside 0–8"):
+        client.predict(handle_file(str(path)), api_name="/restore")
+
+
+def test_a_png_from_before_the_class_prior_restores_it_off(client, tmp_path: Path):
+    from gradio_client import handle_file
+
+    settings = {"mode": "layout", "width": 512, "height": 512, "seed": 1, "guidance": 3.0}
+    path = save_png(np.zeros((16, 16, 3), np.uint8), tmp_path / "old.png", settings, "tiny")
+    assert client.predict(handle_file(str(path)), api_name="/restore")[13] == 0.0
+
+    settings["prior"] = 7.0
+    path = save_png(np.zeros((16, 16, 3), np.uint8), tmp_path / "strong.png", settings, "tiny")
+    with pytest.raises(Exception, match="class prior 7 is outside 0–5"):
         client.predict(handle_file(str(path)), api_name="/restore")
 
 
