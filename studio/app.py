@@ -844,6 +844,7 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
                             label="Window (tokens, 0 = as trained)",
                             precision=0,
                         )
+                    with gr.Row():
                         guidance = gr.Slider(
                             0.0,
                             MAX_GUIDANCE,
