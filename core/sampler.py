@@ -69,6 +69,8 @@ class SamplingOptions:
             raise ValueError(f"top_k must be at least 1 (or None), got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (or None), got {self.top_p}")
+        if (self.bias_table is None) != (self.bias_index is None):
+            raise ValueError("bias_table and bias_index go together: give both or neither")
         if not 0 <= self.guidance <= MAX_GUIDANCE:
             raise ValueError(
                 f"guidance must be between 0 and {MAX_GUIDANCE:g} (1 = none), got {self.guidance}"
@@ -482,7 +484,7 @@ def _biased(
         return logits
     rows = torch.stack([options.bias_index[i, j] for i, j in positions])  # N
     table = torch.cat([options.bias_table.to(logits), logits.new_zeros(1, logits.shape[-1])])
-    bias = table[rows.clamp(min=-1)]  # -1: the zero row
+    bias = table[rows]  # -1 picks the last row, the zero one
     return logits + bias.repeat_interleave(logits.shape[0] // len(positions), dim=0)
 
 
@@ -677,7 +679,8 @@ def sample(
     target, so kept tokens *before* a position inform it and kept tokens after it do not.
     Without a mask, positions where `known` is -1 are sampled.
     method: "cached" (KV caches, fast) or "naive" (full forward per token, the reference).
-    on_logits(position, logits [B, V]) sees the raw logits of every step (for tests and tools).
+    on_logits(position, logits [B, V]) sees the logits each token is drawn from (after guidance
+    and the options' bias; for tests and tools).
     """
     samplers = {"cached": sample_cached, "naive": sample_naive}
     if method not in samplers:

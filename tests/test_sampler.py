@@ -293,6 +293,11 @@ def test_a_bias_row_is_added_where_its_index_points(method):
     assert not (plain[:, :, :4] == 7).all()
 
 
+def test_a_bias_table_without_its_index_is_refused():
+    with pytest.raises(ValueError, match="give both or neither"):
+        SamplingOptions(bias_table=torch.zeros(2, 32))
+
+
 def test_biased_cached_sampler_matches_biased_naive():
     model, cond = tiny_model(), condition()
     options = prior_options(top_k=8)
