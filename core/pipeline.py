@@ -373,6 +373,8 @@ class Pipeline:
     def settings(self, request: GenerateRequest, width: int, height: int) -> dict:
         values = {k: v for k, v in vars(request).items() if k != "condition"}
         values.update(width=width, height=height, model=self.name, model_id=self.identity)
+        if self.layout_prior is None:
+            values["prior"] = 0.0  # a bundle without the counts samples without the prior
         return values
 
     def generate(

@@ -123,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         mode, condition = read_condition(args)
         pipeline = Pipeline.load(args.checkpoints)
+        if mode == "layout" and args.prior > 0 and pipeline.layout_prior is None:
+            logger.warning(
+                "%s has no usable layout_prior.safetensors: sampling without the class prior "
+                "(python -m core.layout_prior adds it)",
+                args.checkpoints,
+            )
         width, height = args.size
         request = GenerateRequest(
             mode=mode,
@@ -137,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             top_p=args.top_p,
             window=args.window,
             guidance=args.guidance,
-            prior=args.prior,
+            prior=args.prior if pipeline.layout_prior is not None else 0.0,
             compose=args.compose,
             num_samples=args.samples,
         )

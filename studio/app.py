@@ -205,7 +205,8 @@ class Studio:
             painted = canvas.depth_from_canvas(depth)
             if painted.max() - painted.min() < 1 / 255:  # one grey: no near and far to follow
                 raise canvas.CanvasError(
-                    "The depth canvas is one flat grey, so it says nothing about near and far: "
+                    "The depth canvas is one flat shade (black when untouched), so it says "
+                    "nothing about near and far: "
                     "upload a depth map, paint one (near = bright) or estimate one from the layout."
                 )
             return canvas.resize_depth(painted, width, height)
@@ -252,6 +253,8 @@ class Studio:
             offered = ", ".join(self.pipeline.modes)
             raise canvas.CanvasError(f"This model has no {mode!r} mode; it offers {offered}.")
         options = self.sampling(seed, temperature, top_k, top_p, window, guidance, prior)
+        if self.pipeline.layout_prior is None:  # saved settings say what was used
+            options["prior"] = 0.0
         samples = int(num_samples or 1)
         if not 1 <= samples <= MAX_SAMPLES:
             raise canvas.CanvasError(f"Ask for 1 to {MAX_SAMPLES} samples at a time.")

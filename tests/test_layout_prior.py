@@ -92,6 +92,13 @@ def test_the_prior_steers_painted_cells_toward_their_codes():
     assert not (steered[:, 2:] == 3).all()  # free cells are left alone
 
 
+def test_a_bundle_without_counts_records_the_prior_as_off():
+    layout = np.full((32, 32), WATER, dtype=np.uint8)
+    request = GenerateRequest("layout", 32, 32, layout, prior=3.0)
+    events = list(Pipeline.tiny().generate(request))
+    assert events[-1].settings["prior"] == 0.0  # so restoring the PNG gives what was used
+
+
 @pytest.mark.parametrize("prior", [-1.0, 6.0])
 def test_the_cli_refuses_a_prior_outside_its_range(prior):
     from core.sample import main

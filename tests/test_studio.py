@@ -318,10 +318,9 @@ def test_generate_streams_previews_and_the_png_restores_its_settings(client, tmp
 
     restored = client.predict(handle_file(result_png), api_name="/restore")
     # mode, width, height, scene, superres_factor, seed, temperature, top_k, top_p, window,
-    # guidance, num_samples, compose, prior, status
-    assert restored[:14] == (
-        "layout", 128, 128, "any", 4, 7, 1.0, 100, 1.0, 0, 1.5, 1, False, 2.5,
-    )  # fmt: skip
+    # guidance, num_samples, compose, prior (the tiny model has none: the PNG says off), status
+    expected = ("layout", 128, 128, "any", 4, 7, 1.0, 100, 1.0, 0, 1.5, 1, False, 0.0)
+    assert restored[:14] == expected
 
 
 def test_empty_canvas_gives_the_user_a_message(client):
@@ -360,7 +359,7 @@ def test_a_flat_depth_canvas_is_refused(client, tmp_path: Path):
         "layers": [],
         "composite": handle_file(str(black)),
     }
-    with pytest.raises(AppError, match="one flat grey"):
+    with pytest.raises(AppError, match="one flat shade"):
         client.predict(*args, api_name="/generate")
 
 
@@ -446,6 +445,10 @@ def test_a_png_from_before_the_class_prior_restores_it_off(client, tmp_path: Pat
     settings = {"mode": "layout", "width": 512, "height": 512, "seed": 1, "guidance": 3.0}
     path = save_png(np.zeros((16, 16, 3), np.uint8), tmp_path / "old.png", settings, "tiny")
     assert client.predict(handle_file(str(path)), api_name="/restore")[13] == 0.0
+
+    settings["prior"] = 1.25
+    path = save_png(np.zeros((16, 16, 3), np.uint8), tmp_path / "mild.png", settings, "tiny")
+    assert client.predict(handle_file(str(path)), api_name="/restore")[13] == 1.25
 
     settings["prior"] = 7.0
     path = save_png(np.zeros((16, 16, 3), np.uint8), tmp_path / "strong.png", settings, "tiny")
