@@ -318,6 +318,11 @@ class Pipeline:
                 return resize_edges(edges, width, height)
             if mode == "depth":
                 depth = depth_from_array(condition.astype(np.float32))
+                if not depth.any():  # a constant map: nothing near or far to follow
+                    raise InputError(
+                        "the depth map is one flat value, so it says nothing about near and far: "
+                        "give one with near (bright) and far (dark) parts"
+                    )
                 return upsample_bicubic(depth, (width, height)).clip(0, 1)
             if condition.ndim != 3 or condition.dtype != np.uint8:
                 raise InputError("superres needs a small RGB photo")

@@ -140,3 +140,9 @@ def test_stopping_while_enlarging_keeps_a_picture_of_the_requested_size(pipeline
     assert result.images[0].shape == (704, 256, 3)
     assert result.tokens.shape == (1, 44, 16)
     assert any(e.stage.startswith("composing") for e in events[:-1])
+
+
+def test_a_flat_depth_map_is_refused(pipeline):
+    flat = np.full((64, 64), 0.5, dtype=np.float32)
+    with pytest.raises(InputError, match="one flat value"):
+        list(pipeline.generate(GenerateRequest("depth", 64, 64, flat)))
