@@ -993,6 +993,21 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
                 api_visibility="undocumented",
             )
 
+        def sliders_for(current: str):
+            """Guidance serves layouts and sketches, the class prior layouts only."""
+            return (
+                gr.update(visible=current in ("layout", "sketch")),
+                gr.update(visible=current == "layout" and pipeline.layout_prior is not None),
+            )
+
+        mode.change(
+            sliders_for,
+            mode,
+            [guidance, prior],
+            api_visibility="private",
+            show_progress="hidden",
+        )
+
         def on_preset(choice: str):
             if choice not in canvas.PRESETS:
                 return gr.skip(), gr.skip()

@@ -161,7 +161,12 @@ def test_paint_generate_stop_and_generate_again(page, studio_url: str):
 def test_a_photo_that_is_no_image_is_refused_on_upload(page, tmp_path: Path):
     fake = tmp_path / "holiday.png"
     fake.write_text("not an image")
+    guidance = page.locator(
+        "input[aria-label='number input for Guidance (layout, sketch; 1 = off)']"
+    )
+    assert guidance.is_visible()
     page.get_by_role("tab", name="Superres").click()
+    guidance.wait_for(state="hidden")  # guidance does nothing for a photo
     photo_input = page.locator("#photo input[type='file']")
     photo_input.set_input_files(str(fake))
     wait_for_status(page, "holiday.png is not an image I can read")
