@@ -29,6 +29,7 @@ from core.report import (  # noqa: E402
     ReportSettings,
     Segmenter,
     by_source_in_turn,
+    layout_groups,
     measure_layouts,
     read_val_photos,
 )
@@ -62,10 +63,7 @@ def main() -> None:
 
     pipeline = Pipeline.load(args.checkpoints)
     photos = by_source_in_turn(read_val_photos(DEFAULT_INDEX, "val"))
-    groups = {
-        "human": [p for p in photos if p.label is not None][args.skip :],
-        "pseudo": [p for p in photos if p.label is None and p.pseudo is not None][args.skip :],
-    }
+    groups = layout_groups(photos, args.skip)
     segmenter = Segmenter(DEFAULT_MODELS, DEFAULT_PALETTE_SOURCES, pipeline.palette, args.threads)
     for guidance, temperature, top_k, prior in args.settings:
         per_group: dict[str, list[dict]] = {}

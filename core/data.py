@@ -23,6 +23,10 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
+# The landscape data pack beside the repository (../shared/data).
+DEFAULT_INDEX = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "index.jsonl"
+
+
 class DataError(ValueError):
     """The training data cannot be used (empty folder, unknown split, no usable photo)."""
 

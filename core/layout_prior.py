@@ -26,9 +26,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from core.checkpoint import CheckpointError, read_manifest
-from core.data import DataError, Record, load_rgb, read_folder, read_index, to_tensor
-from core.models import load_vqgan
+from core.checkpoint import CheckpointError
+from core.data import DEFAULT_INDEX, DataError, Record, load_rgb, read_folder, read_index, to_tensor
 from core.palette import LayoutError, Palette, load_label_map
 
 logger = logging.getLogger(__name__)
@@ -37,7 +36,6 @@ PRIOR_FILE = "layout_prior.safetensors"
 HEIGHT = 160  # px: the transformer's token height (configs/transformer.yaml)
 COVER = 0.6  # a cell counts for a class when the class covers at least this share of it
 SMOOTHING = 1.0  # added to every count (unseen code: every class equally likely)
-DEFAULT_INDEX = Path(__file__).resolve().parent.parent.parent / "shared/data/index.jsonl"
 
 
 def cell_majority(ids: np.ndarray, factor: int, cover: float, palette: Palette) -> np.ndarray:
@@ -72,10 +70,10 @@ def count_codes(records: list[Record], image_model, palette: Palette) -> np.ndar
             continue
         photo = np.asarray(Image.fromarray(photo).resize((width, HEIGHT), Image.LANCZOS))
         ids = np.asarray(Image.fromarray(ids).resize((width, HEIGHT), Image.NEAREST))
-        for flip in (False, True):
-            picture = np.ascontiguousarray(photo[:, ::-1] if flip else photo)
-            classes = cell_majority(ids[:, ::-1] if flip else ids, factor, COVER, palette)
-            codes = image_model.encode_indices(to_tensor([picture]))[0].numpy()
+        mirrored = np.ascontiguousarray(photo[:, ::-1])
+        both = image_model.encode_indices(to_tensor([photo, mirrored])).numpy()
+        for codes, layout in zip(both, (ids, ids[:, ::-1]), strict=True):
+            classes = cell_majority(layout, factor, COVER, palette)
             covered = classes >= 0
             np.add.at(counts, (codes[covered], classes[covered]), 1)
     return counts
@@ -119,9 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    from core.pipeline import Pipeline  # it imports this module
+
     try:
         folder = Path(args.checkpoints)
-        image_model, tokens_from = load_vqgan(folder / read_manifest(folder)["image"]["folder"])
+        pipeline = Pipeline.load(folder)  # its palette is the one the transformer learnt
         if args.folder:
             records = read_folder(args.folder, args.labels)
         else:
@@ -131,14 +131,11 @@ def main(argv: list[str] | None = None) -> int:
                 "no photo has a label map, and the prior counts codes under classes: give "
                 "--labels, a folder of label maps named like the photos"
             )
-    except (CheckpointError, DataError, KeyError) as error:
+    except (CheckpointError, DataError) as error:
         logger.error("%s", error)
         return 2
-    from core.pipeline import Pipeline  # the palette the bundle's transformer was trained with
-
-    palette = Pipeline.load(folder).palette
-    counts = count_codes(records, image_model, palette)
-    save_prior(folder / PRIOR_FILE, counts, tokens_from)
+    counts = count_codes(records, pipeline.image_model, pipeline.palette)
+    save_prior(folder / PRIOR_FILE, counts, pipeline.image_tokens)
     logger.info(
         "wrote %s: %d cells from %d photos", folder / PRIOR_FILE, counts.sum(), len(records)
     )

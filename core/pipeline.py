@@ -161,6 +161,7 @@ class Pipeline:
         self.scenes = list(SCENES) if "free" in tasks else []
         self._patches = self._patch_table()
         self.layout_prior: torch.Tensor | None = None  # classes × image vocab: log P(class | code)
+        self.image_tokens = ""  # the hash naming the image VQGAN's tokens (Pipeline.load sets it)
 
     def _has_superres(self, mode: str) -> bool:
         return mode == "superres" and any(t in self.vocabulary.tasks() for t in SUPERRES_TASKS)
@@ -207,6 +208,7 @@ class Pipeline:
             palette,
             transformer.weights_sha256[:12],
         )
+        pipeline.image_tokens = image_tokens
         if (folder / PRIOR_FILE).is_file():
             pipeline.layout_prior = load_prior(folder / PRIOR_FILE, image_tokens)
         return pipeline
@@ -378,9 +380,13 @@ class Pipeline:
     def settings(self, request: GenerateRequest, width: int, height: int) -> dict:
         values = {k: v for k, v in vars(request).items() if k != "condition"}
         values.update(width=width, height=height, model=self.name, model_id=self.identity)
-        if self.layout_prior is None:
-            values["prior"] = 0.0  # a bundle without the counts samples without the prior
+        values["prior"] = self.prior_in_use(request.prior)
         return values
+
+    def prior_in_use(self, prior: float) -> float:
+        """The class prior a request asking for `prior` gets: 0 from a bundle without counts
+        (what callers record, so saved settings say what was used)."""
+        return prior if self.layout_prior is not None else 0.0
 
     def generate(
         self, request: GenerateRequest, stop: threading.Event | None = None

@@ -36,7 +36,7 @@ from core.conditions import (
     upsample_bicubic,
 )
 from core.config import ConfigError
-from core.data import DataError, load_rgb, to_tensor
+from core.data import DEFAULT_INDEX, DataError, load_rgb, to_tensor
 from core.fid import NAME as FRECHET_NAME
 from core.fid import FeatureWeightsError, Lite0Features, frechet_distance
 from core.losses import PerceptualDistance, PerceptualWeightsError
@@ -55,7 +55,6 @@ from core.segmenter import (
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_INDEX = REPO_ROOT.parent / "shared" / "data" / "index.jsonl"
 SUPERRES_FACTORS = (4, 8)
 PERCEPTUAL_NAME = "perceptual distance (SqueezeNet)"
 CELL = (240, 160)  # width, height of one picture in the example grid
@@ -252,6 +251,14 @@ def _load_fitted(photo: ValPhoto, settings: ReportSettings, factor: int) -> np.n
 
 
 # ----------------------------------------------------------------------------- measures
+
+
+def layout_groups(photos: list[ValPhoto], skip: int = 0) -> dict[str, list[ValPhoto]]:
+    """Photos with human-labelled and with pseudo-labelled layouts, each after the first skip."""
+    return {
+        "human": [p for p in photos if p.label is not None][skip:],
+        "pseudo": [p for p in photos if p.label is None and p.pseudo is not None][skip:],
+    }
 
 
 def measure_layouts(
@@ -605,11 +612,7 @@ def run_report(
 
     pairs: dict[str, list] = {}
     if segmenter is not None:
-        groups = {
-            "human": [p for p in photos if p.label is not None],
-            "pseudo": [p for p in photos if p.label is None and p.pseudo is not None],
-        }
-        section, pairs = measure_layouts(generate, segmenter, groups, settings)
+        section, pairs = measure_layouts(generate, segmenter, layout_groups(photos), settings)
         report["layout"] = section.figures
         examples += section.examples
     else:

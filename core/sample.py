@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             top_p=args.top_p,
             window=args.window,
             guidance=args.guidance,
-            prior=args.prior if pipeline.layout_prior is not None else 0.0,
+            prior=pipeline.prior_in_use(args.prior),
             compose=args.compose,
             num_samples=args.samples,
         )

@@ -482,10 +482,10 @@ def _biased(
     """logits [N*B, V] of N positions (B samples each) plus their rows of the bias table."""
     if options.bias_table is None:
         return logits
-    rows = torch.stack([options.bias_index[i, j] for i, j in positions])  # N
-    table = torch.cat([options.bias_table.to(logits), logits.new_zeros(1, logits.shape[-1])])
-    bias = table[rows]  # -1 picks the last row, the zero one
-    return logits + bias.repeat_interleave(logits.shape[0] // len(positions), dim=0)
+    rows_i, cols_j = zip(*positions, strict=True)
+    rows = options.bias_index[list(rows_i), list(cols_j)]  # N
+    bias = options.bias_table[rows.clamp(min=0)] * (rows >= 0).unsqueeze(1)  # -1: nothing
+    return logits + bias.to(logits).repeat_interleave(logits.shape[0] // len(positions), dim=0)
 
 
 def _run_raster(

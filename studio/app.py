@@ -178,7 +178,7 @@ class Studio:
             )
         return {
             "guidance": guidance,
-            "prior": prior,
+            "prior": self.pipeline.prior_in_use(prior),  # saved settings say what was used
             "seed": int(seed),
             "temperature": float(temperature),
             "top_k": _optional_int(top_k),
@@ -253,8 +253,6 @@ class Studio:
             offered = ", ".join(self.pipeline.modes)
             raise canvas.CanvasError(f"This model has no {mode!r} mode; it offers {offered}.")
         options = self.sampling(seed, temperature, top_k, top_p, window, guidance, prior)
-        if self.pipeline.layout_prior is None:  # saved settings say what was used
-            options["prior"] = 0.0
         samples = int(num_samples or 1)
         if not 1 <= samples <= MAX_SAMPLES:
             raise canvas.CanvasError(f"Ask for 1 to {MAX_SAMPLES} samples at a time.")

@@ -238,14 +238,15 @@ def mask_from_canvas(value: EditorValue, shape: tuple[int, int]) -> np.ndarray:
 # --- uploads -------------------------------------------------------------------------------
 
 
-def _open_image(path: str | Path, what: str) -> Image.Image:
+def _open_image(path: str | Path, what: str, name: str | None = None) -> Image.Image:
+    """The image at path; else a CanvasError naming it (as `name`, by default the file's)."""
     try:
         image = Image.open(path)
         image.load()
     except (OSError, UnidentifiedImageError, ValueError):
         raise CanvasError(
-            f"{Path(path).name} is not an image I can read; {what} must be a PNG (or another "
-            "image file)."
+            f"{name or Path(path).name} is not an image I can read; {what} must be a PNG (or "
+            "another image file)."
         ) from None
     return image
 
@@ -260,10 +261,9 @@ def unreadable_upload(payload: Any, what: str) -> str | None:
     if not path:
         return None  # nothing uploaded (a cleared component)
     try:
-        _open_image(path, what).close()
+        _open_image(path, what, payload.get("orig_name")).close()
     except CanvasError as error:
-        name = payload.get("orig_name") or Path(path).name
-        return str(error).replace(Path(path).name, name, 1)
+        return str(error)
     return None
 
 
