@@ -23,7 +23,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from core.checkpoint import (
+    MANIFEST_FILE,
+    CheckpointError,
+    load_checkpoint,
+    read_manifest,
+    save_checkpoint,
+    tokens_sha256,
+)
 from core.condition_stages import condition_input
 from core.conditions import canny_edges, downsample, estimate_depth_from_layout, upsample_bicubic
 from core.config import ConfigError, config_to_yaml
@@ -390,6 +397,20 @@ CONDITION_TABLES = ("cond_embed.weight", "aligned_embed.weight")  # rows follow 
 IMAGE_TABLES = ("image_embed.weight", "head.weight")  # rows follow the image VQGAN's codebook
 
 
+def _image_tokens(folder: Path, recorded: str | None) -> str | None:
+    """The hash of the image tokens the transformer in `folder` learnt.
+
+    A bundled transformer records its bundled image VQGAN's weights hash; after a decoder-only
+    fine-tune that is not the tokens' hash, which the image folder keeps as `tokens_from`.
+    """
+    bundle = folder.parent
+    if recorded and (bundle / MANIFEST_FILE).is_file():
+        image = read_manifest(bundle).get("image")
+        if image is not None and image["weights_sha256"] == recorded:
+            return tokens_sha256(load_checkpoint(bundle / image["folder"]))
+    return recorded
+
+
 def warm_start(model: GPT, folder: str, vocabulary: Vocabulary, hashes: dict) -> list[str]:
     """Copy what still means the same from the transformer in `folder`; returns what started new.
 
@@ -400,7 +421,8 @@ def warm_start(model: GPT, folder: str, vocabulary: Vocabulary, hashes: dict) ->
     """
     checkpoint = load_checkpoint(folder, kind="transformer")
     old_vocabulary = Vocabulary.from_dict(checkpoint.extra["vocabulary"])
-    old_hashes = checkpoint.extra.get("stages", {})
+    old_hashes = dict(checkpoint.extra.get("stages", {}))
+    old_hashes["image"] = _image_tokens(Path(folder), old_hashes.get("image"))
     new_ids, old_ids = _condition_rows(old_vocabulary, vocabulary, old_hashes, hashes)
     old_heads = checkpoint.model.get("n_head")
     if old_heads != model.config.n_head:
@@ -408,7 +430,7 @@ def warm_start(model: GPT, folder: str, vocabulary: Vocabulary, hashes: dict) ->
             f"config key 'init': {folder} has {old_heads} attention heads, this model "
             f"{model.config.n_head}; init needs the same layers, heads, width and window"
         )
-    same_image = bool(old_hashes.get("image")) and old_hashes.get("image") == hashes.get("image")
+    same_image = bool(old_hashes["image"]) and old_hashes["image"] == hashes.get("image")
     fresh = [source for source, offset in vocabulary.offsets.items() if offset not in new_ids]
     if not same_image:
         fresh.append("image_embed and head (another image VQGAN)")

@@ -226,6 +226,37 @@ def test_warm_start_after_another_image_vqgan_keeps_the_image_tables_fresh(tmp_p
     assert torch.equal(new.blocks[0].attn.qkv.weight, old.blocks[0].attn.qkv.weight)
 
 
+def test_warm_start_from_a_bundle_with_a_fine_tuned_decoder_keeps_the_image_tables(tmp_path):
+    from core.checkpoint import save_checkpoint, write_manifest
+    from core.models import Vocabulary
+    from core.train_transformer import warm_start
+
+    # The bundle's transformer records its bundled image VQGAN's weights hash; that VQGAN is a
+    # decoder fine-tune whose tokens are those of the encoder "i" * 64 the new run uses. The
+    # superres task's condition rows are image tokens too.
+    vocabulary = Vocabulary.build({"image": 32, "edges": 4}, ["edges", "superres4"])
+    torch.manual_seed(0)
+    old = GPT(GPTConfig(32, vocabulary.size, 2, 2, 32, ROWS, COLS))
+    image_sha = save_checkpoint(
+        tmp_path / "image", "vqgan", {}, {"w": torch.ones(2)}, "", {"tokens_from": "i" * 64}
+    )
+    extra = {"vocabulary": vocabulary.as_dict(), "stages": {"image": image_sha, "edges": "e" * 64}}
+    state = old.state_dict()
+    save_checkpoint(tmp_path / "transformer", "transformer", old.config, state, "", extra)
+    write_manifest(tmp_path, {"transformer": "transformer", "image": "image"})
+    torch.manual_seed(1)
+    new = GPT(GPTConfig(32, vocabulary.size, 2, 2, 32, ROWS, COLS))
+
+    fresh = warm_start(
+        new, str(tmp_path / "transformer"), vocabulary, {"image": "i" * 64, "edges": "e" * 64}
+    )
+
+    assert fresh == []
+    assert torch.equal(new.image_embed.weight, old.image_embed.weight)
+    assert torch.equal(new.head.weight, old.head.weight)
+    assert torch.equal(new.cond_embed.weight, old.cond_embed.weight)
+
+
 def test_warm_start_into_an_aligned_model_computes_what_the_old_one_did(tmp_path):
     from core.train_transformer import warm_start
 
