@@ -5,8 +5,8 @@ is guidance,temperature,top-k[,prior] (top-k 0 = off; the class prior's weight, 
 when left out). For every setting the bundle generates from the
 layouts of each group's val photos after the first `--skip` (the ones `core.report` measures),
 at 256 px high, with seeds 0, 100 and 200 + photo number, and prints one JSON line: the DeepLab
-mIoU of the generated images against the layouts, and its ratio to the real photos' mIoU,
-averaged over the seeds. Needs `../shared/data` and `../shared/models`.
+mIoU of the generated images against the layouts, its ratio to the real photos' mIoU, and the
+IoU of each painted class, averaged over the seeds. Needs `../shared/data` and `../shared/models`.
 """
 
 from __future__ import annotations
@@ -88,6 +88,12 @@ def main() -> None:
                 for key in ("miou_generated", "miou_real", "miou_ratio")
             }
             line[group]["photos"] = runs[0]["photos"]
+            line[group]["iou_generated"] = {  # per painted class, averaged over the seeds
+                name: round(
+                    sum(run["classes"][name]["iou_generated"] for run in runs) / len(runs), 3
+                )
+                for name in runs[0]["classes"]
+            }
         print(json.dumps(line), flush=True)
 
 

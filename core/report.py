@@ -304,16 +304,29 @@ def measure_layouts(
             bar.update(1)
         bar.close()
         figures[group] = _layout_figures(
-            generated_counts, real_counts, per_image_generated, per_image_real
+            generated_counts, real_counts, per_image_generated, per_image_real, palette.names
         )
         figures[group]["sources"] = sorted(sources)
     return Section(figures, examples), pairs
 
 
-def _layout_figures(generated_counts, real_counts, per_image_generated, per_image_real) -> dict:
+def _layout_figures(
+    generated_counts, real_counts, per_image_generated, per_image_real, names
+) -> dict:
     generated, real = score_confusion(generated_counts), score_confusion(real_counts)
     ratio = generated.miou / real.miou if real.miou > 0 else float("nan")
+    painted = generated_counts.sum(axis=1)  # layout pixels per class
     return {
+        # per class the layouts paint: its pixels, and IoU of the generated and the real images
+        "classes": {
+            names[c]: {
+                "pixels": int(painted[c]),
+                "iou_generated": generated.per_class.get(c, 0.0),
+                "iou_real": real.per_class.get(c, 0.0),
+            }
+            for c in range(1, len(painted))
+            if painted[c] > 0
+        },
         "photos": len(per_image_generated),
         "miou_generated": generated.miou,
         "miou_real": real.miou,
@@ -801,6 +814,36 @@ def _layout_lines(layout: dict) -> list[str]:
             f"{_text(row.get('pixel_accuracy_generated'))} | "
             f"{_text(row.get('pixel_accuracy_real'))} | {', '.join(row.get('sources', []))} |"
         )
+    return lines + _class_lines(layout)
+
+
+def _class_lines(layout: dict) -> list[str]:
+    """IoU per class the layouts paint, generated and real, for each group."""
+    groups = [g for g in ("human", "pseudo") if layout.get(g, {}).get("classes")]
+    if not groups:
+        return []
+    names = list(dict.fromkeys(n for g in groups for n in layout[g]["classes"]))
+    lines = [
+        "",
+        "IoU per painted class (share of the group's scored layout pixels in brackets), "
+        "generated / real:",
+        "",
+        "| class | " + " | ".join(f"{g}-labelled" for g in groups) + " |",
+        "|---" * (len(groups) + 1) + "|",
+    ]
+    for name in names:
+        cells = []
+        for group in groups:
+            classes = layout[group]["classes"]
+            if name not in classes:
+                cells.append("")
+                continue
+            entry = classes[name]
+            share = entry["pixels"] / sum(c["pixels"] for c in classes.values())
+            cells.append(
+                f"{_text(entry['iou_generated'], 2)} / {_text(entry['iou_real'], 2)} ({share:.0%})"
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -145,6 +145,26 @@ def test_segmenter_sees_sky_above_grass(segmenter):
 # ----------------------------------------------------------------------------- the report
 
 
+def test_layout_figures_give_iou_per_painted_class():
+    from core.report import _layout_figures, _layout_lines
+
+    # rows: layout class (unknown, sky, grass, water), columns: predicted, last = outside
+    generated = np.array([[0, 0, 0, 0, 0], [0, 8, 2, 0, 0], [0, 5, 5, 0, 0], [0, 0, 0, 0, 0]])
+    real = np.array([[0, 0, 0, 0, 0], [0, 10, 0, 0, 0], [0, 0, 9, 0, 1], [0, 0, 0, 0, 0]])
+    names = ("unknown", "sky", "grass", "water")
+
+    figures = _layout_figures(generated, real, [0.5], [0.9], names)
+
+    assert set(figures["classes"]) == {"sky", "grass"}  # water is not painted
+    assert figures["classes"]["sky"]["pixels"] == 10
+    assert figures["classes"]["sky"]["iou_generated"] == pytest.approx(8 / 15)
+    assert figures["classes"]["grass"]["iou_generated"] == pytest.approx(5 / 12)
+    assert figures["classes"]["grass"]["iou_real"] == pytest.approx(9 / 10)
+    text = "\n".join(_layout_lines({"human": figures}))
+    assert "| sky | 0.53 / 1.00 (50%) |" in text
+    assert "| grass | 0.42 / 0.90 (50%) |" in text
+
+
 @needs_segmenter
 @pytest.mark.slow
 def test_report_runs_end_to_end_with_the_tiny_pipeline(tmp_path, capsys):
@@ -172,4 +192,7 @@ def test_report_runs_end_to_end_with_the_tiny_pipeline(tmp_path, capsys):
     assert "perceptual distance (SqueezeNet)" in text
     assert "(report_examples.png)" in text
     assert "## Painted layouts" in text
+    assert "IoU per painted class" in text
+    for entry in saved["layout"]["human"]["classes"].values():
+        assert entry["pixels"] > 0 and 0.0 <= entry["iou_real"] <= 1.0
     assert (tmp_path / "report_examples.png").is_file()
