@@ -25,7 +25,8 @@ __all__ = [
 ]
 
 KEYWORD = "landscape-studio"
-FORMAT_VERSION = 1
+# 2: free mode with a scene class is guided (format 1 recorded a guidance it did not use there)
+FORMAT_VERSION = 2
 
 # Fields of core.pipeline.GenerateRequest that the controls show (the condition travels as its
 # own PNG beside the result).

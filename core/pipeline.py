@@ -86,8 +86,9 @@ class GenerateRequest:
     temperature: float = 1.0
     top_k: int | None = 100
     top_p: float | None = None
-    # classifier-free guidance in layout and sketch modes (1 = none); 5 kept the most of held-out
-    # val layouts for the bundled models (guidance sweep in checkpoints/transformer/card.md)
+    # classifier-free guidance in layout and sketch modes and in free mode with a scene class
+    # (1 = none); 5 kept the most of held-out val layouts and showed scenes most often for the
+    # bundled models (sweeps in checkpoints/transformer/card.md)
     guidance: float = 5.0
     window: int | None = None  # window rows in tokens; None = the model's trained window
     num_samples: int = 1
@@ -344,6 +345,8 @@ class Pipeline:
             raise InputError(f"unknown scene '{scene}'; choose one of {', '.join(self.scenes)}")
         prefix = torch.full((batch, 1), self.vocabulary.prefix_for(task, scene))
         if cond_map is None:
+            if request.guidance != 1 and self.guided(request):  # a scene, steered from any scene
+                return Condition(prefix, unguided_prefix=torch.full_like(prefix, self.any_scene))
             return Condition(prefix)
         padded = _pad_to(cond_map, grid.padded_height, grid.padded_width)
         if task in SUPERRES_TASKS:
@@ -355,11 +358,23 @@ class Pipeline:
         offset = self.vocabulary.offsets[source]
         codes = model.encode_indices(inputs, tile=tile) + offset
         unguided = None
-        if request.guidance != 1 and task in GUIDED_TASKS:
+        if request.guidance != 1 and self.guided(request):
             empty = self._empty_condition(task, padded.shape[:2])
             unguided = model.encode_indices(empty, tile=tile) + offset
             unguided = unguided.expand(batch, -1, -1).contiguous()
         return Condition(prefix, codes.expand(batch, -1, -1).contiguous(), unguided)
+
+    @property
+    def any_scene(self) -> int:
+        """The prefix id of free generation with no scene class."""
+        return self.vocabulary.prefix_for("free", None)
+
+    def guided(self, request: GenerateRequest) -> bool:
+        """Whether guidance applies: layouts and sketches (from the empty condition), and free
+        generation of a scene class (from any scene)."""
+        if request.mode == "free":
+            return request.scene is not None
+        return self._task_for(request.mode, 4) in GUIDED_TASKS
 
     def _empty_condition(self, task: str, shape: tuple[int, int]) -> torch.Tensor:
         """Stage input of an unpainted layout or a blank sketch: what guidance steers from."""
@@ -595,7 +610,7 @@ class Pipeline:
         grid = grid_for_pixels(width, height, self.factor)
         cond_map = self.condition_map(request, grid.width, grid.height)
         condition = self.condition_tokens(request, cond_map, grid)
-        guided = self._task_for(request.mode, 4) in GUIDED_TASKS
+        guided = self.guided(request)
         bias = {}
         if request.mode == "layout" and request.prior > 0 and self.layout_prior is not None:
             bias = {

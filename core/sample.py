@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--guidance",
         type=float,
         default=GenerateRequest.guidance,
-        help="layout and sketch: how closely to follow the condition (1 = plain sampling; "
+        help="layout, sketch and free with --scene: how closely to follow the condition "
+        "(1 = plain sampling; "
         f"default {GenerateRequest.guidance:g})",
     )
     parser.add_argument(

@@ -90,6 +90,9 @@ class Condition:
     prefix: torch.Tensor
     tokens: torch.Tensor | None = None
     unguided: torch.Tensor | None = None
+    # prefix ids [B, 1] of the unguided rows when guidance steers from another prefix (a scene
+    # class away from "any scene"); None: the unguided rows keep `prefix`
+    unguided_prefix: torch.Tensor | None = None
 
 
 @dataclass
@@ -373,11 +376,22 @@ def _model_condition(
     cond_grid = None if condition.tokens is None else condition.tokens.to(device)
     if options.guidance == 1:
         return Condition(prefix, cond_grid)
+    unguided_prefix = condition.unguided_prefix
+    if unguided_prefix is not None:
+        if tuple(unguided_prefix.shape) != tuple(prefix.shape):
+            raise ValueError(
+                f"unguided prefix has shape {tuple(unguided_prefix.shape)}, the prefix "
+                f"{tuple(prefix.shape)}; they must match"
+            )
+        _check_ids(unguided_prefix, vocab, "unguided prefix", "cond_vocab")
+        unguided_prefix = unguided_prefix.to(device)
+        if cond_grid is None:  # class-conditional: only the prefix differs
+            return Condition(torch.cat([prefix, unguided_prefix]))
     unguided = condition.unguided
     if cond_grid is None or unguided is None:
         raise ValueError(
-            "guidance needs a condition grid and its unguided counterpart (Condition.unguided); "
-            "use guidance=1 for this condition"
+            "guidance needs an unguided counterpart: a condition grid with Condition.unguided, "
+            "or Condition.unguided_prefix; use guidance=1 for this condition"
         )
     if tuple(unguided.shape) != tuple(cond_grid.shape):
         raise ValueError(
@@ -386,7 +400,8 @@ def _model_condition(
         )
     _check_ids(unguided, vocab, "unguided grid", "cond_vocab")
     both = torch.cat([cond_grid, unguided.to(device)])  # 2B, h, w
-    return Condition(torch.cat([prefix, prefix]), both)
+    second = prefix if unguided_prefix is None else unguided_prefix
+    return Condition(torch.cat([prefix, second]), both)
 
 
 def _guide(logits: torch.Tensor, guidance: float | None) -> torch.Tensor:

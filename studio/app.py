@@ -641,6 +641,8 @@ class Studio:
                     ) from None
 
             guidance = value("guidance", float, 1.0)
+            if mode == "free" and document.get("format", 1) < 2:
+                guidance = 1.0  # free pictures were not guided before format 2
             if not 0 <= guidance <= MAX_GUIDANCE:
                 raise MetadataError(
                     f"{name}: its guidance {guidance:g} is outside 0–{MAX_GUIDANCE:g}; restore "
@@ -851,8 +853,9 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
                             MAX_GUIDANCE,
                             value=DEFAULT_GUIDANCE,
                             step=0.25,
-                            label="Guidance (layout, sketch; 1 = off)",
-                            info="How closely to follow the painting; twice the work when not 1.",
+                            label="Guidance (layout, sketch, scene; 1 = off)",
+                            info="How closely to follow the painting or the scene; twice the "
+                            "work when not 1.",
                         )
                         prior = gr.Slider(
                             0.0,
@@ -991,20 +994,25 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
                 api_visibility="undocumented",
             )
 
-        def sliders_for(current: str):
-            """Guidance serves layouts and sketches, the class prior layouts only."""
+        def sliders_for(current: str, chosen_scene: str | None):
+            """Guidance serves layouts, sketches and free pictures of a scene class; the class
+            prior layouts only."""
+            guided = current in ("layout", "sketch") or (
+                current == "free" and chosen_scene not in (None, ANY_SCENE)
+            )
             return (
-                gr.update(visible=current in ("layout", "sketch")),
+                gr.update(visible=guided),
                 gr.update(visible=current == "layout" and pipeline.layout_prior is not None),
             )
 
-        mode.change(
-            sliders_for,
-            mode,
-            [guidance, prior],
-            api_visibility="private",
-            show_progress="hidden",
-        )
+        for changed in (mode, scene):
+            changed.change(
+                sliders_for,
+                [mode, scene],
+                [guidance, prior],
+                api_visibility="private",
+                show_progress="hidden",
+            )
 
         def on_preset(choice: str):
             if choice not in canvas.PRESETS:

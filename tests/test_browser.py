@@ -20,6 +20,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SKY, TREE = (135, 206, 235), (34, 139, 34)
 TIMEOUT_MS = 120_000
+GUIDANCE_INPUT = "input[aria-label='number input for Guidance (layout, sketch, scene; 1 = off)']"
 
 if not CHROMIUM.exists():
     pytest.skip(
@@ -161,9 +162,7 @@ def test_paint_generate_stop_and_generate_again(page, studio_url: str):
 def test_a_photo_that_is_no_image_is_refused_on_upload(page, tmp_path: Path):
     fake = tmp_path / "holiday.png"
     fake.write_text("not an image")
-    guidance = page.locator(
-        "input[aria-label='number input for Guidance (layout, sketch; 1 = off)']"
-    )
+    guidance = page.locator(GUIDANCE_INPUT)
     assert guidance.is_visible()
     page.get_by_role("tab", name="Superres").click()
     guidance.wait_for(state="hidden")  # guidance does nothing for a photo
@@ -173,3 +172,12 @@ def test_a_photo_that_is_no_image_is_refused_on_upload(page, tmp_path: Path):
     # the refused file is gone, so Generate asks for a photo instead of failing inside Gradio
     page.click("#generate")
     page.get_by_text("Upload a small photo to enlarge first").first.wait_for()
+
+
+def test_guidance_shows_for_a_scene_but_not_for_any_scene(page):
+    guidance = page.locator(GUIDANCE_INPUT)
+    page.get_by_role("tab", name="Free").click()
+    guidance.wait_for(state="hidden")  # nothing to steer toward
+    page.get_by_label("Scene").click()
+    page.get_by_role("option", name="forest").click()
+    guidance.wait_for(state="visible")  # steered from any scene toward forests

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from core.conditions import resize_edges
 from core.pipeline import GenerateRequest, InputError, Pipeline, Preview, Result
+from core.sampler import grid_for_pixels
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +149,21 @@ def test_a_flat_depth_map_is_refused(pipeline):
     flat = np.full((64, 64), 0.5, dtype=np.float32)
     with pytest.raises(InputError, match="one flat value"):
         list(pipeline.generate(GenerateRequest("depth", 64, 64, flat)))
+
+
+def test_a_scene_is_guided_from_any_scene(pipeline):
+    grid = grid_for_pixels(64, 64, pipeline.factor)
+    request = GenerateRequest("free", width=64, height=64, scene="lake", num_samples=2)
+    condition = pipeline.condition_tokens(request, None, grid)
+    lake = pipeline.vocabulary.prefix_for("free", "lake")
+    assert condition.prefix.tolist() == [[lake], [lake]]
+    assert condition.unguided_prefix.tolist() == [[pipeline.any_scene]] * 2
+    assert pipeline.any_scene != lake
+    for plain in (replace(request, guidance=1.0), replace(request, scene=None)):
+        assert pipeline.condition_tokens(plain, None, grid).unguided_prefix is None
+
+
+def test_a_guided_scene_is_generated(pipeline):
+    request = GenerateRequest("free", width=64, height=48, scene="forest", guidance=3.0)
+    result = next(e for e in pipeline.generate(request) if isinstance(e, Result))
+    assert result.images[0].shape == (48, 64, 3)

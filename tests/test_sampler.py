@@ -267,6 +267,41 @@ def test_guidance_extrapolates_from_the_unguided_logits():
     torch.testing.assert_close(seen[(0, 0)], expected, atol=1e-5, rtol=1e-5)
 
 
+def test_class_guidance_extrapolates_from_the_unguided_prefix():
+    # No condition grid (free generation of a scene class): the unguided rows differ only in
+    # their prefix, and the first token's logits are one forward of each prefix.
+    model = tiny_model()
+    prefix, unguided_prefix = torch.tensor([[3], [9]]), torch.tensor([[17], [17]])
+    with torch.no_grad():
+        conditioned = model.next_token_logits(prefix, None, None, 4, 5)
+        unguided = model.next_token_logits(unguided_prefix, None, None, 4, 5)
+    seen = {}
+    options = SamplingOptions(seed=0, guidance=2.5)
+    cond = Condition(prefix, unguided_prefix=unguided_prefix)
+    run(sample(model, cond, 4, 5, options, on_logits=lambda p, v: seen.setdefault(p, v.clone())))
+    expected = unguided + 2.5 * (conditioned - unguided)
+    torch.testing.assert_close(seen[(0, 0)], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [(1, 1), (2, 3)])
+def test_class_guided_cached_sampler_matches_class_guided_naive(stride):
+    cond = Condition(torch.tensor([[3], [9]]), unguided_prefix=torch.tensor([[17], [17]]))
+    options = SamplingOptions(seed=5, guidance=3.0)
+    naive, _ = sampled_with_logits(
+        tiny_model(), cond, "naive", window=WINDOW, stride=stride, options=options
+    )
+    cached, _ = sampled_with_logits(
+        tiny_model(), cond, "cached", window=WINDOW, stride=stride, options=options
+    )
+    assert torch.equal(cached, naive)
+
+
+def test_an_unguided_prefix_of_another_shape_is_refused():
+    cond = Condition(torch.tensor([[3], [9]]), unguided_prefix=torch.tensor([[17]]))
+    with pytest.raises(ValueError, match="must match"):
+        next(sample(tiny_model(), cond, GRID_H, GRID_W, SamplingOptions(guidance=2.0)))
+
+
 def prior_options(**kwargs) -> SamplingOptions:
     """A bias table of two rows: row 0 pushes token 7 up by 50, row 1 adds nothing; the left
     four columns use row 0, the top-right cell none (-1), the rest row 1."""

@@ -6,6 +6,7 @@ as any API user would.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, PngImagePlugin
 
-from core.metadata import MetadataError, read_metadata, save_png
+from core.metadata import KEYWORD, MetadataError, read_metadata, save_png
 from core.palette import FREE_ID, Palette
 from studio import canvas
 from studio.runs import StopSwitches, in_own_thread, write_timelapse
@@ -454,6 +455,21 @@ def test_a_png_from_before_the_class_prior_restores_it_off(client, tmp_path: Pat
     path = save_png(np.zeros((16, 16, 3), np.uint8), tmp_path / "strong.png", settings, "tiny")
     with pytest.raises(Exception, match="class prior 7 is outside 0–5"):
         client.predict(handle_file(str(path)), api_name="/restore")
+
+
+def test_a_free_png_from_before_scene_guidance_restores_it_off(client, tmp_path: Path):
+    from gradio_client import handle_file
+
+    settings = {"mode": "free", "width": 256, "height": 256, "seed": 1, "scene": "lake"}
+    settings["guidance"] = 5.0  # recorded, but format 1 sampled free pictures unguided
+    old = PngImagePlugin.PngInfo()
+    old.add_text(KEYWORD, json.dumps({"format": 1, "model": "tiny", "request": settings}))
+    Image.new("RGB", (16, 16)).save(tmp_path / "old.png", pnginfo=old)
+    restored = client.predict(handle_file(str(tmp_path / "old.png")), api_name="/restore")
+    assert restored[3] == "lake" and restored[10] == 1.0
+
+    path = save_png(np.zeros((16, 16, 3), np.uint8), tmp_path / "new.png", settings, "tiny")
+    assert client.predict(handle_file(str(path)), api_name="/restore")[10] == 5.0
 
 
 def test_a_composed_run_keeps_its_size_and_restores_compose(client, tmp_path: Path):
