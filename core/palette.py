@@ -30,6 +30,7 @@ __all__ = [
     "ids_to_rgb",
     "label_map_image",
     "load_label_map",
+    "off_palette_share",
     "random_free_regions",
     "rgb_to_ids",
     "sanitize_ids",
@@ -329,7 +330,35 @@ def load_label_map(
         return ids
     if image.mode not in ("RGB", "RGBA"):
         image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
-    return rgb_to_ids(np.asarray(image), palette, background=None)
+    pixels = np.asarray(image)
+    share = off_palette_share(pixels, palette)
+    if share > OFF_PALETTE_LIMIT:
+        raise LayoutError(
+            f"this image does not look like a layout: {share:.0%} of its pixels are far from "
+            "every palette colour (a photo?); give a PNG of class ids or an image painted in the "
+            "palette's colours"
+        )
+    return rgb_to_ids(pixels, palette, background=None)
+
+
+# An uploaded palette image, even saved as JPEG, has under 20% of its pixels farther than
+# OFF_PALETTE_DISTANCE from every palette colour; val photos have 50-99%.
+OFF_PALETTE_DISTANCE = 20
+OFF_PALETTE_LIMIT = 0.4
+
+
+def off_palette_share(pixels: np.ndarray, palette: Palette) -> float:
+    """Share of the opaque pixels of an H×W×3/4 uint8 image (every 4th row and column) that lie
+    farther than OFF_PALETTE_DISTANCE (RGB) from every palette colour and the free colour."""
+    sample = pixels[::4, ::4].reshape(-1, pixels.shape[-1])
+    if sample.shape[1] == 4:
+        sample = sample[sample[:, 3] >= 128]
+    if len(sample) == 0:
+        return 0.0
+    colours, _ = _snap_candidates(palette, None)
+    nearest = colours[_nearest_candidate(sample[:, :3], colours)].astype(np.int32)
+    distance = np.sqrt(((sample[:, :3].astype(np.int32) - nearest) ** 2).sum(axis=1))
+    return float((distance > OFF_PALETTE_DISTANCE).mean())
 
 
 def check_layout(ids: np.ndarray, palette: Palette | None = None) -> None:

@@ -395,13 +395,13 @@ class Pipeline:
     def settings(self, request: GenerateRequest, width: int, height: int) -> dict:
         values = {k: v for k, v in vars(request).items() if k != "condition"}
         values.update(width=width, height=height, model=self.name, model_id=self.identity)
-        values["prior"] = self.prior_in_use(request.prior)
+        values["prior"] = self.prior_in_use(request)
         return values
 
-    def prior_in_use(self, prior: float) -> float:
-        """The class prior a request asking for `prior` gets: 0 from a bundle without counts
-        (what callers record, so saved settings say what was used)."""
-        return prior if self.layout_prior is not None else 0.0
+    def prior_in_use(self, request: GenerateRequest) -> float:
+        """The class prior a request gets: its own in layout mode with a bundle that has the
+        counts, else 0 (what callers record, so saved settings say what was used)."""
+        return request.prior if request.mode == "layout" and self.layout_prior is not None else 0.0
 
     def generate(
         self, request: GenerateRequest, stop: threading.Event | None = None
@@ -587,22 +587,28 @@ class Pipeline:
         """
         if request.mode == "superres":
             raise InputError("a superres result cannot be extended; extend the small photo")
-        if right < 0 or down < 0 or right + down == 0:
-            raise InputError("extend by a positive number of pixels to the right or down")
+        grown = self.grown(request, right, down)
         f = self.factor
-        right, down = -(-right // f) * f, -(-down // f) * f  # whole tokens
-        width, height = request.width + right, request.height + down
-        if request.condition is not None and request.mode != "free":
-            request = _extended_condition(request, width, height, self.palette)
-        grown = replace(request, width=width, height=height)
         tokens = np.asarray(tokens)
         old_h, old_w = tokens.shape[-2:]
-        grid = grid_for_pixels(width, height, f)
+        grid = grid_for_pixels(grown.width, grown.height, f)
         known = np.full((tokens.shape[0], grid.grid_h, grid.grid_w), -1, dtype=np.int64)
         known[:, :old_h, :old_w] = tokens
         mask = np.ones((grid.grid_h, grid.grid_w), dtype=bool)
         mask[: request.height // f, : request.width // f] = False
         return self._sample(grown, known, mask, stop)
+
+    def grown(self, request: GenerateRequest, right: int, down: int) -> GenerateRequest:
+        """The request of a picture extended by `right` / `down` pixels, rounded up to whole
+        tokens: the new size, and the condition map grown as `extend` grows it."""
+        if right < 0 or down < 0 or right + down == 0:
+            raise InputError("extend by a positive number of pixels to the right or down")
+        f = self.factor
+        width = request.width + -(-right // f) * f
+        height = request.height + -(-down // f) * f
+        if request.condition is not None and request.mode != "free":
+            request = _extended_condition(request, width, height, self.palette)
+        return replace(request, width=width, height=height)
 
     def _sample(self, request, known, token_mask, stop) -> Iterator[Preview | Result]:
         self._check_request(request)

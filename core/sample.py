@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -48,17 +49,27 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--depth", help="depth map (near = bright): PNG 8/16-bit, TIFF, .npy")
     source.add_argument("--superres", help="small photo to enlarge ×4 or ×8")
     parser.add_argument("--scene", help="free mode: field, forest, lake, mountain, ocean, road")
-    parser.add_argument("--factor", type=int, default=4, choices=(4, 8), help="superres factor")
-    parser.add_argument("--size", type=parse_size, default=(512, 512), help="WxH in pixels")
+    parser.add_argument(
+        "--factor", type=int, default=None, choices=(4, 8), help="superres factor (default 4)"
+    )
+    parser.add_argument(
+        "--size",
+        type=parse_size,
+        default=None,
+        help="WxH in pixels (default: the layout's, sketch's or depth map's own size, shrunk to "
+        "fit 2048 px a side; 512x512 in free mode; superres: the photo's size × --factor)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=100)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--window", type=int, default=None, help="window rows in tokens")
+    parser.add_argument("--top-k", type=int, default=100, help="0 = off (default 100)")
+    parser.add_argument("--top-p", type=float, default=None, help="0 to 1 (default: off)")
+    parser.add_argument(
+        "--window", type=int, default=0, help="window rows in tokens (0 = as trained, default)"
+    )
     parser.add_argument(
         "--guidance",
         type=float,
-        default=GenerateRequest.guidance,
+        default=None,
         help="layout, sketch and free with --scene: how closely to follow the condition "
         "(1 = plain sampling; "
         f"default {GenerateRequest.guidance:g})",
@@ -102,6 +113,37 @@ def read_condition(args) -> tuple[str, np.ndarray | None]:
     return "free", None
 
 
+def ignored_flags(args) -> dict[str, str]:
+    """Flags given that the chosen mode does not use, each with why."""
+    ignored = {}
+    if args.factor is not None and not args.superres:
+        ignored["--factor"] = "it is the superres enlargement; give --superres with it"
+    if args.size is not None and args.superres:
+        ignored["--size"] = "a superres picture is the photo's size × --factor"
+    if args.guidance is not None and not (args.layout or args.sketch or args.scene):
+        ignored["--guidance"] = "guidance steers layouts, sketches and free pictures of a --scene"
+    return ignored
+
+
+def default_size(condition: np.ndarray | None, mode: str, max_side: int) -> tuple[int, int]:
+    """The output size when --size is not given: the condition's own (at most max_side a side,
+    aspect kept), or 512×512 in free mode (superres ignores it)."""
+    if condition is None or mode == "superres":
+        return 512, 512
+    height, width = condition.shape[:2]
+    scale = min(1.0, max_side / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def free_path(folder: Path, stem: str) -> Path:
+    """folder/stem.png, or stem-2.png, stem-3.png… when taken: earlier results are kept."""
+    path, number = folder / f"{stem}.png", 1
+    while path.exists():
+        number += 1
+        path = folder / f"{stem}-{number}.png"
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -116,7 +158,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             "--scene is for free mode only: drop it, or drop the layout/sketch/depth/photo"
         )
+    if args.top_k < 0:
+        parser.error(f"--top-k must be 0 (off) or more, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        parser.error(f"--top-p must be above 0 and at most 1 (1 = off), got {args.top_p:g}")
+    if args.window < 0:
+        parser.error(
+            f"--window must be 0 (as trained) or a number of token rows, got {args.window}"
+        )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for flag, unused in ignored_flags(args).items():
+        logger.warning("%s is ignored: %s", flag, unused)
     if args.threads > 0:
         import torch
 
@@ -130,24 +182,26 @@ def main(argv: list[str] | None = None) -> int:
                 "(python -m core.layout_prior adds it)",
                 args.checkpoints,
             )
-        width, height = args.size
+        width, height = args.size or default_size(condition, mode, pipeline.max_side)
         request = GenerateRequest(
             mode=mode,
             width=width,
             height=height,
             condition=condition,
             scene=args.scene,
-            superres_factor=args.factor,
+            superres_factor=args.factor or 4,
             seed=args.seed,
             temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            window=args.window,
-            guidance=args.guidance,
-            prior=pipeline.prior_in_use(args.prior),
+            top_k=args.top_k or None,
+            top_p=None if args.top_p == 1 else args.top_p,
+            window=args.window or None,
+            guidance=GenerateRequest.guidance if args.guidance is None else args.guidance,
+            prior=args.prior,
             compose=args.compose,
             num_samples=args.samples,
         )
+        # the saved settings say what was used: no class prior outside layouts
+        request = replace(request, prior=pipeline.prior_in_use(request))
         bar = None
         for event in pipeline.generate(request):
             if isinstance(event, Preview):
@@ -165,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(result.images):
-        path = out / f"{mode}-seed{args.seed}-{index}.png"
+        path = free_path(out, f"{mode}-seed{args.seed}-{index}")
         save_png(image, path, request_settings(request), pipeline.name, sample=index)
         print(path)
     logger.info("%d image(s) in %.1f s", len(result.images), result.seconds)

@@ -62,6 +62,13 @@ MODE_LABELS = {
     "free": "Free",
 }
 ANY_SCENE = "any"
+FIRST_STEP = {  # what the status asks for first, by the first tab a bundle offers
+    "layout": "Paint a layout",
+    "sketch": "Draw a sketch",
+    "depth": "Paint or upload a depth map",
+    "superres": "Upload a small photo",
+    "free": "Choose a scene (or any)",
+}
 DEFAULT_SIZE = (512, 512)
 MAX_SAMPLES = 4
 DEFAULT_GUIDANCE = GenerateRequest.guidance  # the pipeline's default
@@ -163,6 +170,12 @@ class Studio:
             raise canvas.CanvasError(f"The seed must be a whole number from 0 to {SEED_RANGE}.")
         if temperature is None or not 0 < float(temperature) <= 5:
             raise canvas.CanvasError("The temperature must be above 0 (1.0 is the usual value).")
+        if top_k is not None and int(top_k) < 0:
+            raise canvas.CanvasError(f"Top-k must be 0 (off) or more, got {int(top_k)}.")
+        if window is not None and int(window) < 0:
+            raise canvas.CanvasError(
+                f"The window must be 0 (as trained) or a number of token rows, got {int(window)}."
+            )
         top_p_value = None if top_p is None or not 0 < float(top_p) < 1 else float(top_p)
         guidance = DEFAULT_GUIDANCE if guidance is None else float(guidance)
         if not 0 <= guidance <= MAX_GUIDANCE:
@@ -178,7 +191,7 @@ class Studio:
             )
         return {
             "guidance": guidance,
-            "prior": self.pipeline.prior_in_use(prior),  # saved settings say what was used
+            "prior": prior,
             "seed": int(seed),
             "temperature": float(temperature),
             "top_k": _optional_int(top_k),
@@ -338,7 +351,8 @@ class Studio:
         run = Run(
             number=next_run_number(),
             kind=kind,
-            request=request,
+            # the saved settings say what was used: no class prior outside layouts
+            request=replace(request, prior=self.pipeline.prior_in_use(request)),
             images=[np.asarray(image, dtype=np.uint8) for image in result.images],
             tokens=np.asarray(result.tokens),
             frames=[_shrink(frame, TIMELAPSE_SIDE) for frame in result.frames],
@@ -536,13 +550,14 @@ class Studio:
                 )
             options = self.sampling(seed, temperature, top_k, top_p, window, guidance, prior)
             job = replace(run.request, num_samples=1, width=width, height=height, **options)
+            grown = self.pipeline.grown(job, right, down)  # what the result's PNG records
             tokens = run.tokens[sample : sample + 1]
             stop = self.switches.start(request.session_hash)
             try:
                 events = in_own_thread(
                     lambda: self.pipeline.extend(job, tokens, right, down, stop=stop), stop
                 )
-                yield from self.stream("extend", job, events, stop, runs)
+                yield from self.stream("extend", grown, events, stop, runs)
             finally:
                 self.switches.finish(request.session_hash, stop)
 
@@ -597,6 +612,19 @@ class Studio:
             canvas.check_size(width, height, self.pipeline.max_side)
             status = f"Loaded a {width} × {height} layout from {Path(path).name}."
             return canvas.layout_canvas(ids, self.palette), width, height, status
+
+    def load_sketch(self, path: str | None) -> tuple:
+        """An uploaded drawing onto the sketch canvas, in grey; sizes follow it."""
+        with user_errors():
+            if path is None:
+                raise canvas.CanvasError(
+                    "Choose a drawing (dark lines on light paper or the reverse)."
+                )
+            grey = canvas.read_sketch_upload(path)
+            height, width = grey.shape[:2]
+            canvas.check_size(width, height, self.pipeline.max_side)
+            status = f"Loaded a {width} × {height} drawing from {Path(path).name}."
+            return canvas.grey_picture_canvas(grey), width, height, status
 
     def load_depth(self, path: str | None) -> tuple:
         """An uploaded depth file onto the depth canvas."""
@@ -654,6 +682,8 @@ class Studio:
                     f"{name}: its class prior {prior:g} is outside 0–{MAX_PRIOR:g}; restore "
                     "another PNG or set the prior by hand."
                 )
+            if mode != "layout":  # made without the prior: the slider keeps the user's value
+                prior = gr.skip()
             compose = request.get("compose", False)  # PNGs from before composing: direct
             if not isinstance(compose, bool):
                 raise MetadataError(
@@ -685,6 +715,13 @@ class Studio:
             )
 
 
+def sliders_shown(mode: str, scene: str | None, has_prior: bool) -> tuple[bool, bool]:
+    """Whether the guidance and the class prior sliders show: guidance serves layouts, sketches
+    and free pictures of a scene class; the class prior layouts only (with a bundle's counts)."""
+    guided = mode in ("layout", "sketch") or (mode == "free" and scene not in (None, ANY_SCENE))
+    return guided, mode == "layout" and has_prior
+
+
 def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
     """The studio's page around a loaded pipeline; files go to `folder` (a temp dir if None)."""
     folder = Path(folder or tempfile.mkdtemp(prefix="landscape-studio-"))
@@ -700,6 +737,9 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
         offered = set(pipeline.modes)  # tabs of modes the model was not trained for are hidden
         first_mode = pipeline.modes[0]
         mode = gr.Textbox(value=first_mode, visible=False, label="Mode")
+        guidance_shown, prior_shown = sliders_shown(
+            first_mode, ANY_SCENE, pipeline.layout_prior is not None
+        )
 
         # The number fields carry no minimum or maximum: the studio checks them when a run
         # starts, with a message that names the field (gradio's own names none).
@@ -770,7 +810,7 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
                     ) as sketch_tab:
                         sketch = gr.ImageEditor(
                             value=canvas.grey_canvas(width0, height0, 255),
-                            label="Sketch: dark strokes on white (or upload a drawing)",
+                            label="Sketch: dark strokes on white",
                             type="numpy",
                             image_mode="RGB",
                             sources=("upload", "clipboard"),
@@ -784,6 +824,11 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
                                 default_size=3,
                             ),
                             eraser=gr.Eraser(default_size=16),
+                        )
+                        sketch_upload = gr.UploadButton(
+                            "Upload a drawing…",
+                            file_types=["image"],
+                            size="sm",
                         )
                     with gr.Tab(
                         MODE_LABELS["depth"], id="depth", visible="depth" in offered
@@ -856,6 +901,7 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
                             label="Guidance (layout, sketch, scene; 1 = off)",
                             info="How closely to follow the painting or the scene; twice the "
                             "work when not 1.",
+                            visible=guidance_shown,
                         )
                         prior = gr.Slider(
                             0.0,
@@ -865,7 +911,7 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
                             label="Class prior (layout; 0 = off)",
                             info="Leans each painted region toward image codes that its class "
                             "covers in the training photos.",
-                            visible=pipeline.layout_prior is not None,
+                            visible=prior_shown,
                         )
                     compose = gr.Checkbox(
                         value=True,
@@ -884,7 +930,7 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
 
             with gr.Column(scale=5):
                 status = gr.Markdown(
-                    "Ready. Paint a layout, then press **Generate**.",
+                    f"Ready. {FIRST_STEP[first_mode]}, then press **Generate**.",
                     label="Status",
                     elem_id="status",
                 )
@@ -934,8 +980,11 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
                     )
                     resample = gr.Button("Resample painted region")
                     with gr.Row():
-                        extend_right = gr.Number(256, label="Add to the right (px)", precision=0)
-                        extend_down = gr.Number(0, label="Add below (px)", precision=0)
+                        whole = f"rounded up to whole {pipeline.factor} px tokens"
+                        extend_right = gr.Number(
+                            256, label="Add to the right (px)", info=whole, precision=0
+                        )
+                        extend_down = gr.Number(0, label="Add below (px)", info=whole, precision=0)
                         extend = gr.Button("Extend")
 
         # --- events ---------------------------------------------------------------------
@@ -995,15 +1044,8 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
             )
 
         def sliders_for(current: str, chosen_scene: str | None):
-            """Guidance serves layouts, sketches and free pictures of a scene class; the class
-            prior layouts only."""
-            guided = current in ("layout", "sketch") or (
-                current == "free" and chosen_scene not in (None, ANY_SCENE)
-            )
-            return (
-                gr.update(visible=guided),
-                gr.update(visible=current == "layout" and pipeline.layout_prior is not None),
-            )
+            shown = sliders_shown(current, chosen_scene, pipeline.layout_prior is not None)
+            return tuple(gr.update(visible=visible) for visible in shown)
 
         for changed in (mode, scene):
             changed.change(
@@ -1088,6 +1130,12 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
             layout_upload,
             [layout, width, height, status],
             api_name="load_layout",
+        )
+        sketch_upload.upload(
+            studio.load_sketch,
+            sketch_upload,
+            [sketch, width, height, status],
+            api_name="load_sketch",
         )
         depth_upload.upload(studio.load_depth, depth_upload, [depth, status], api_name="load_depth")
 

@@ -63,8 +63,8 @@ def preset_name(width: float | None, height: float | None) -> str:
 
 
 SKETCH_EMPTY = (
-    "The sketch is empty: draw some dark strokes on the white paper, or upload a drawing (a "
-    "file the editor cannot show as an image is left out)."
+    "The sketch is empty: draw some dark strokes on the white paper (start each stroke on the "
+    "paper), or use Upload a drawing…"
 )
 FREE_LEGEND = "free — unpainted, the model decides"
 
@@ -137,11 +137,15 @@ def layout_canvas(ids: np.ndarray, palette: Palette) -> dict:
     return {"background": rgba, "layers": [], "composite": rgba}
 
 
-def depth_canvas(depth: np.ndarray) -> dict:
-    """A [0, 1] depth map (near = bright) as a grey canvas."""
-    grey = np.round(np.clip(depth, 0.0, 1.0) * 255.0).astype(np.uint8)
+def grey_picture_canvas(grey: np.ndarray) -> dict:
+    """An H×W uint8 grey picture (a drawing, a depth map) as an opaque canvas."""
     rgb = np.repeat(grey[..., None], 3, axis=2)
     return {"background": rgb, "layers": [], "composite": rgb}
+
+
+def depth_canvas(depth: np.ndarray) -> dict:
+    """A [0, 1] depth map (near = bright) as a grey canvas."""
+    return grey_picture_canvas(np.round(np.clip(depth, 0.0, 1.0) * 255.0).astype(np.uint8))
 
 
 # --- reading canvases ----------------------------------------------------------------------
@@ -276,6 +280,15 @@ def read_layout_upload(path: str | Path, palette: Palette) -> np.ndarray:
     except LayoutError as error:
         raise CanvasError(f"{Path(path).name}: {error}") from None
     return ids
+
+
+def read_sketch_upload(path: str | Path) -> np.ndarray:
+    """A drawing (any image file; dark lines on light paper or the reverse) as H×W uint8 grey;
+    transparent parts count as white paper."""
+    with _open_image(path, "a drawing") as image:
+        rgba = image.convert("RGBA")
+    paper = Image.new("RGBA", rgba.size, "white")
+    return np.asarray(Image.alpha_composite(paper, rgba).convert("L"))
 
 
 def read_depth_upload(path: str | Path) -> np.ndarray:

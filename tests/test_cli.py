@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,6 +76,9 @@ def test_app_help_exits_cleanly():
     [
         (["--temperature", "-1"], "--temperature must be above 0, got -1"),
         (["--layout", "docs/examples/lake_layout.png", "--scene", "lake"], "free mode only"),
+        (["--top-k", "-4"], "--top-k must be 0 (off) or more, got -4"),
+        (["--top-p", "1.5"], "--top-p must be above 0 and at most 1 (1 = off), got 1.5"),
+        (["--window", "-1"], "--window must be 0 (as trained)"),
     ],
 )
 def test_sample_refuses_settings_that_cannot_work_together(args, message):
@@ -82,3 +87,28 @@ def test_sample_refuses_settings_that_cannot_work_together(args, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def tiny_bundle(monkeypatch):
+    """core.sample with the untrained tiny pipeline in place of a bundle on disk."""
+    from core.pipeline import Pipeline
+
+    monkeypatch.setattr(Pipeline, "load", classmethod(lambda cls, folder: Pipeline.tiny()))
+
+
+def test_sample_takes_the_sketchs_size_and_keeps_earlier_results(tiny_bundle, tmp_path, caplog):
+    from core.metadata import read_metadata
+    from core.sample import main
+
+    drawing = np.full((48, 80), 255, dtype=np.uint8)
+    drawing[24] = 0
+    Image.fromarray(drawing).save(tmp_path / "line.png")
+    args = ["--sketch", str(tmp_path / "line.png"), "--out", str(tmp_path / "out"), "--window", "0"]
+    assert main([*args, "--factor", "8"]) == 0
+    assert "--factor is ignored" in caplog.text
+    assert main(args) == 0  # the same name again: a second file, not an overwrite
+
+    first, second = tmp_path / "out/sketch-seed0-0.png", tmp_path / "out/sketch-seed0-0-2.png"
+    assert Image.open(first).size == (80, 48) and Image.open(second).size == (80, 48)
+    assert read_metadata(first)["request"]["prior"] == 0.0  # no class prior outside layouts

@@ -99,6 +99,16 @@ def test_a_bundle_without_counts_records_the_prior_as_off():
     assert events[-1].settings["prior"] == 0.0  # so restoring the PNG gives what was used
 
 
+def test_the_prior_is_recorded_only_where_it_acts():
+    pipeline = Pipeline.tiny()
+    pipeline.layout_prior = torch.zeros(PALETTE.num_classes, 64)  # a bundle with counts
+    layout = np.full((32, 32), WATER, dtype=np.uint8)
+    assert pipeline.prior_in_use(GenerateRequest("layout", 32, 32, layout, prior=2.5)) == 2.5
+    assert pipeline.prior_in_use(GenerateRequest("free", 32, 32, prior=2.5)) == 0.0
+    events = list(pipeline.generate(GenerateRequest("free", 32, 32, prior=2.5)))
+    assert events[-1].settings["prior"] == 0.0
+
+
 @pytest.mark.parametrize("prior", [-1.0, 6.0])
 def test_the_cli_refuses_a_prior_outside_its_range(prior):
     from core.sample import main

@@ -150,3 +150,22 @@ def test_random_free_regions_sometimes_keep_and_sometimes_free_most() -> None:
     assert min(free_shares) == 0.0
     assert max(free_shares) > 0.5
     assert any(0.0 < share < 1.0 for share in free_shares)
+
+
+def test_a_photo_is_refused_as_a_layout_but_a_jpeg_of_one_is_read(tmp_path: Path):
+    palette = Palette.default()
+    ids = np.full((64, 96), 1, dtype=np.int64)  # sky
+    ids[32:] = 7  # water
+    ids[40:, :30] = 5  # mountain
+    Image.fromarray(ids_to_rgb(ids, palette)).save(tmp_path / "layout.jpg", quality=75)
+    read = load_label_map(tmp_path / "layout.jpg", palette)
+    assert (read == ids).mean() > 0.95
+
+    # smooth, photo-like colours: a gradient far from every palette colour
+    rows = np.linspace(0, 1, 64)[:, None, None]
+    photo = (rows * np.array([200, 170, 120]) + (1 - rows) * np.array([90, 110, 160])).astype(
+        np.uint8
+    )
+    Image.fromarray(np.broadcast_to(photo, (64, 96, 3)).copy()).save(tmp_path / "photo.png")
+    with pytest.raises(LayoutError, match="does not look like a layout"):
+        load_label_map(tmp_path / "photo.png", palette)

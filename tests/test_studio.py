@@ -19,8 +19,12 @@ import pytest
 from PIL import Image, ImageDraw, PngImagePlugin
 
 from core.metadata import KEYWORD, MetadataError, read_metadata, save_png
+from core.models import Vocabulary
 from core.palette import FREE_ID, Palette
+from core.pipeline import Pipeline
+from core.transformer import GPT, GPTConfig
 from studio import canvas
+from studio.app import Studio, build_app
 from studio.runs import StopSwitches, in_own_thread, write_timelapse
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -131,6 +135,22 @@ def test_non_image_upload_is_refused(tmp_path: Path):
     text.write_text("not a picture")
     with pytest.raises(canvas.CanvasError, match="not an image"):
         canvas.read_layout_upload(text, Palette.default())
+
+
+def test_an_uploaded_drawing_sets_the_size_and_its_transparent_paper_is_white(tmp_path: Path):
+    drawing = np.zeros((40, 64, 4), dtype=np.uint8)  # transparent paper
+    drawing[20, :] = (0, 0, 0, 255)  # one black line
+    Image.fromarray(drawing).save(tmp_path / "line.png")
+    sketch, width, height, status = Studio(Pipeline.tiny(), tmp_path).load_sketch(
+        str(tmp_path / "line.png")
+    )
+    assert (width, height) == (64, 40) and "64 × 40 drawing from line.png" in status
+    grey = canvas.sketch_from_canvas(sketch)
+    assert (grey[20] == 0).all() and (np.delete(grey, 20, axis=0) == 255).all()
+
+    (tmp_path / "notes.png").write_text("no picture")
+    with pytest.raises(Exception, match="notes.png is not an image"):
+        Studio(Pipeline.tiny(), tmp_path).load_sketch(str(tmp_path / "notes.png"))
 
 
 def test_an_upload_that_is_no_image_is_named_as_it_arrives(tmp_path: Path):
@@ -409,6 +429,19 @@ def test_resample_extend_and_timelapse_work_on_the_latest_result(client, tmp_pat
     # right, down, seed, temperature, top_k, top_p, window, guidance, prior
     extended = client.predict(32, 16, 5, 1.0, 100, 1.0, 0, 2.0, 2.0, api_name="/extend")
     assert Image.open(extended[3][0]).size == (96, 80)
+    recorded = read_metadata(extended[3][0])["request"]  # restores the grown size
+    assert (recorded["width"], recorded["height"]) == (96, 80)
+
+    # the grown result is the latest: a mask at its own size redoes part of it
+    Image.new("RGB", (96, 80), "white").save(tmp_path / "grown.png")
+    grown = handle_file(str(tmp_path / "grown.png"))
+    mask = np.zeros((80, 96, 4), dtype=np.uint8)
+    mask[60:, 70:] = (255, 48, 64, 150)
+    Image.fromarray(mask).save(tmp_path / "grown-mask.png")
+    canvas = {"background": grown, "layers": [handle_file(str(tmp_path / "grown-mask.png"))]}
+    canvas["composite"] = grown
+    again = client.predict(canvas, 6, 1.0, 100, 1.0, 0, 2.0, 2.0, api_name="/resample")
+    assert "done" in again[1] and Image.open(again[3][0]).size == (96, 80)
 
     gif = Image.open(client.predict(api_name="/timelapse"))
     assert gif.format == "GIF" and gif.n_frames >= 2
@@ -501,3 +534,19 @@ def test_restore_refuses_a_compose_setting_that_is_not_true_or_false(client, tmp
     )
     with pytest.raises(Exception, match="'compose' holds 'yes'"):
         client.predict(handle_file(str(path)), api_name="/restore")
+
+
+def test_a_free_only_bundle_opens_without_guidance_and_asks_for_a_scene(tmp_path: Path):
+    tiny = Pipeline.tiny()
+    vocabulary = Vocabulary.build({"image": 64}, ["free"])
+    config = GPTConfig(
+        image_vocab=64, cond_vocab=vocabulary.size, n_layer=1, n_head=2, n_embd=32,
+        window_rows=4, window_cols=6,
+    )  # fmt: skip
+    pipeline = Pipeline("free-only", tiny.image_model, {}, GPT(config), vocabulary, tiny.palette)
+    demo = build_app(pipeline, tmp_path)
+    props = {c["props"].get("label"): c["props"] for c in demo.config["components"]}
+    # the first (only) tab is Free with scene "any": nothing for guidance to steer toward
+    assert props["Guidance (layout, sketch, scene; 1 = off)"]["visible"] is False
+    assert props["Class prior (layout; 0 = off)"]["visible"] is False
+    assert props["Status"]["value"].startswith("Ready. Choose a scene")
