@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--prior",
         type=float,
-        default=GenerateRequest.prior,
+        default=None,
         help="layout: weight of the class prior, which leans each painted region toward image "
         f"codes its class covers in the training photos (0 = off; default "
         f"{GenerateRequest.prior:g}; needs the bundle's layout_prior.safetensors)",
@@ -122,6 +122,8 @@ def ignored_flags(args) -> dict[str, str]:
         ignored["--size"] = "a superres picture is the photo's size × --factor"
     if args.guidance is not None and not (args.layout or args.sketch or args.scene):
         ignored["--guidance"] = "guidance steers layouts, sketches and free pictures of a --scene"
+    if args.prior is not None and not args.layout:
+        ignored["--prior"] = "the class prior leans painted layout regions; give --layout with it"
     return ignored
 
 
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--temperature must be above 0, got {args.temperature:g} (1 samples as trained; "
             "lower, e.g. 0.7, plays safer)"
         )
-    if not 0 <= args.prior <= MAX_PRIOR:
+    if args.prior is not None and not 0 <= args.prior <= MAX_PRIOR:
         parser.error(f"--prior must be from 0 to {MAX_PRIOR:g}, got {args.prior:g}")
     if args.scene and (args.layout or args.sketch or args.depth or args.superres):
         parser.error(
@@ -176,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         mode, condition = read_condition(args)
         pipeline = Pipeline.load(args.checkpoints)
-        if mode == "layout" and args.prior > 0 and pipeline.layout_prior is None:
+        prior = GenerateRequest.prior if args.prior is None else args.prior
+        if mode == "layout" and prior > 0 and pipeline.layout_prior is None:
             logger.warning(
                 "%s has no usable layout_prior.safetensors: sampling without the class prior "
                 "(python -m core.layout_prior adds it)",
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             top_p=None if args.top_p == 1 else args.top_p,
             window=args.window or None,
             guidance=GenerateRequest.guidance if args.guidance is None else args.guidance,
-            prior=args.prior,
+            prior=prior,
             compose=args.compose,
             num_samples=args.samples,
         )

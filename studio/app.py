@@ -7,6 +7,7 @@ core.pipeline; this module turns controls into a GenerateRequest and streams wha
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -130,6 +131,26 @@ def user_errors() -> Iterator[None]:
         raise gr.Error(
             f"Something went wrong ({type(error).__name__}: {error}). The server log has details."
         ) from None
+
+
+def keeps_outputs_when_refused(others: int):
+    """For a handler whose last output is the status line and whose others show what the user
+    made (a canvas, the sizes, the controls): a refusal becomes a warning pop-up and the status,
+    and the others keep their values. (A raised gr.Error marks every output as failed, and the
+    canvas and the size fields then show "Error" instead of what they held.)"""
+
+    def wrap(handler):
+        @functools.wraps(handler)
+        def run(*args, **kwargs):
+            try:
+                return handler(*args, **kwargs)
+            except gr.Error as error:  # user_errors has logged it
+                gr.Warning(error.message)
+                return (*[gr.skip()] * others, error.message)
+
+        return run
+
+    return wrap
 
 
 def _optional_int(value: float | None, off: int = 0) -> int | None:
@@ -602,6 +623,7 @@ class Studio:
             filled = flood_fill(ids, (int(x), int(y)), self.palette.id_of(class_name), self.palette)
             return canvas.layout_canvas(filled, self.palette), ids_to_rgb(filled, self.palette)
 
+    @keeps_outputs_when_refused(3)
     def load_layout(self, path: str | None) -> tuple:
         """An uploaded label map or palette image onto the layout canvas; sizes follow it."""
         with user_errors():
@@ -613,6 +635,7 @@ class Studio:
             status = f"Loaded a {width} × {height} layout from {Path(path).name}."
             return canvas.layout_canvas(ids, self.palette), width, height, status
 
+    @keeps_outputs_when_refused(3)
     def load_sketch(self, path: str | None) -> tuple:
         """An uploaded drawing onto the sketch canvas, in grey; sizes follow it."""
         with user_errors():
@@ -626,6 +649,7 @@ class Studio:
             status = f"Loaded a {width} × {height} drawing from {Path(path).name}."
             return canvas.grey_picture_canvas(grey), width, height, status
 
+    @keeps_outputs_when_refused(1)
     def load_depth(self, path: str | None) -> tuple:
         """An uploaded depth file onto the depth canvas."""
         with user_errors():
@@ -634,6 +658,7 @@ class Studio:
             depth = canvas.read_depth_upload(path)
             return canvas.depth_canvas(depth), f"Loaded depth map {Path(path).name}."
 
+    @keeps_outputs_when_refused(1)
     def estimate_depth(self, layout: dict | None) -> tuple:
         """A depth map guessed from the Layout tab's canvas."""
         with user_errors():
@@ -643,6 +668,7 @@ class Studio:
 
     # --- settings --------------------------------------------------------------------------
 
+    @keeps_outputs_when_refused(15)
     def restore(self, path: str | None) -> tuple:
         """Controls set from the settings inside a studio PNG."""
         with user_errors():

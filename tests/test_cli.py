@@ -105,8 +105,8 @@ def test_sample_takes_the_sketchs_size_and_keeps_earlier_results(tiny_bundle, tm
     drawing[24] = 0
     Image.fromarray(drawing).save(tmp_path / "line.png")
     args = ["--sketch", str(tmp_path / "line.png"), "--out", str(tmp_path / "out"), "--window", "0"]
-    assert main([*args, "--factor", "8"]) == 0
-    assert "--factor is ignored" in caplog.text
+    assert main([*args, "--factor", "8", "--prior", "2"]) == 0
+    assert "--factor is ignored" in caplog.text and "--prior is ignored" in caplog.text
     assert main(args) == 0  # the same name again: a second file, not an overwrite
 
     first, second = tmp_path / "out/sketch-seed0-0.png", tmp_path / "out/sketch-seed0-0-2.png"
