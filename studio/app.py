@@ -741,6 +741,11 @@ class Studio:
             )
 
 
+def ready_for(mode: str) -> str:
+    """The status line that says what to do first in a mode's tab."""
+    return f"Ready. {FIRST_STEP[mode]}, then press **Generate**."
+
+
 def sliders_shown(mode: str, scene: str | None, has_prior: bool) -> tuple[bool, bool]:
     """Whether the guidance and the class prior sliders show: guidance serves layouts, sketches
     and free pictures of a scene class; the class prior layouts only (with a bundle's counts)."""
@@ -956,7 +961,7 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
 
             with gr.Column(scale=5):
                 status = gr.Markdown(
-                    f"Ready. {FIRST_STEP[first_mode]}, then press **Generate**.",
+                    ready_for(first_mode),
                     label="Status",
                     elem_id="status",
                 )
@@ -1073,6 +1078,13 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
             shown = sliders_shown(current, chosen_scene, pipeline.layout_prior is not None)
             return tuple(gr.update(visible=visible) for visible in shown)
 
+        def status_for(current: str, shown: str):
+            """A tab's first step replaces a "Ready." line; a run's outcome stays."""
+            return ready_for(current) if shown.startswith("Ready.") else gr.skip()
+
+        mode.change(
+            status_for, [mode, status], status, api_visibility="private", show_progress="hidden"
+        )
         for changed in (mode, scene):
             changed.change(
                 sliders_for,

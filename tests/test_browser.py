@@ -178,6 +178,7 @@ def test_guidance_shows_for_a_scene_but_not_for_any_scene(page):
     guidance = page.locator(GUIDANCE_INPUT)
     page.get_by_role("tab", name="Free").click()
     guidance.wait_for(state="hidden")  # nothing to steer toward
+    page.locator("#status", has_text="Ready. Choose a scene").wait_for()  # the tab's first step
     page.get_by_label("Scene").click()
     page.get_by_role("option", name="forest").click()
     guidance.wait_for(state="visible")  # steered from any scene toward forests
