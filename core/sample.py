@@ -113,16 +113,16 @@ def read_condition(args) -> tuple[str, np.ndarray | None]:
     return "free", None
 
 
-def ignored_flags(args) -> dict[str, str]:
-    """Flags given that the chosen mode does not use, each with why."""
+def ignored_flags(args, request: GenerateRequest, pipeline: Pipeline) -> dict[str, str]:
+    """Flags given that the request's mode does not use, each with why."""
     ignored = {}
-    if args.factor is not None and not args.superres:
+    if args.factor is not None and request.mode != "superres":
         ignored["--factor"] = "it is the superres enlargement; give --superres with it"
-    if args.size is not None and args.superres:
+    if args.size is not None and request.mode == "superres":
         ignored["--size"] = "a superres picture is the photo's size × --factor"
-    if args.guidance is not None and not (args.layout or args.sketch or args.scene):
+    if args.guidance is not None and not pipeline.guided(request):
         ignored["--guidance"] = "guidance steers layouts, sketches and free pictures of a --scene"
-    if args.prior is not None and not args.layout:
+    if args.prior is not None and request.mode != "layout":
         ignored["--prior"] = "the class prior leans painted layout regions; give --layout with it"
     return ignored
 
@@ -169,8 +169,6 @@ def main(argv: list[str] | None = None) -> int:
             f"--window must be 0 (as trained) or a number of token rows, got {args.window}"
         )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for flag, unused in ignored_flags(args).items():
-        logger.warning("%s is ignored: %s", flag, unused)
     if args.threads > 0:
         import torch
 
@@ -203,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             compose=args.compose,
             num_samples=args.samples,
         )
+        for flag, unused in ignored_flags(args, request, pipeline).items():
+            logger.warning("%s is ignored: %s", flag, unused)
         # the saved settings say what was used: no class prior outside layouts
         request = replace(request, prior=pipeline.prior_in_use(request))
         bar = None

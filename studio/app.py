@@ -304,7 +304,7 @@ class Studio:
             width=width,
             height=height,
             condition=condition,
-            scene=None if mode != "free" or scene in (None, ANY_SCENE) else scene,
+            scene=_scene_for(mode, scene),
             superres_factor=factor,
             num_samples=samples,
             compose=bool(compose) and mode != "superres",
@@ -746,11 +746,16 @@ def ready_for(mode: str) -> str:
     return f"Ready. {FIRST_STEP[mode]}, then press **Generate**."
 
 
-def sliders_shown(mode: str, scene: str | None, has_prior: bool) -> tuple[bool, bool]:
-    """Whether the guidance and the class prior sliders show: guidance serves layouts, sketches
-    and free pictures of a scene class; the class prior layouts only (with a bundle's counts)."""
-    guided = mode in ("layout", "sketch") or (mode == "free" and scene not in (None, ANY_SCENE))
-    return guided, mode == "layout" and has_prior
+def _scene_for(mode: str, scene: str | None) -> str | None:
+    """The request's scene from the Scene menu: free mode only, and "any" is none."""
+    return None if mode != "free" or scene in (None, ANY_SCENE) else scene
+
+
+def sliders_shown(pipeline: Pipeline, mode: str, scene: str | None) -> tuple[bool, bool]:
+    """Whether the guidance and the class prior sliders show: where the pipeline would use
+    them for a request of this mode and scene."""
+    request = GenerateRequest(mode, scene=_scene_for(mode, scene))
+    return pipeline.guided(request), pipeline.prior_in_use(request) > 0
 
 
 def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
@@ -768,9 +773,7 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
         offered = set(pipeline.modes)  # tabs of modes the model was not trained for are hidden
         first_mode = pipeline.modes[0]
         mode = gr.Textbox(value=first_mode, visible=False, label="Mode")
-        guidance_shown, prior_shown = sliders_shown(
-            first_mode, ANY_SCENE, pipeline.layout_prior is not None
-        )
+        guidance_shown, prior_shown = sliders_shown(pipeline, first_mode, ANY_SCENE)
 
         # The number fields carry no minimum or maximum: the studio checks them when a run
         # starts, with a message that names the field (gradio's own names none).
@@ -1075,7 +1078,7 @@ def build_app(pipeline: Pipeline, folder: Path | None = None) -> gr.Blocks:
             )
 
         def sliders_for(current: str, chosen_scene: str | None):
-            shown = sliders_shown(current, chosen_scene, pipeline.layout_prior is not None)
+            shown = sliders_shown(pipeline, current, chosen_scene)
             return tuple(gr.update(visible=visible) for visible in shown)
 
         def status_for(current: str, shown: str):
